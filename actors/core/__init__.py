@@ -1,0 +1,1 @@
+"""Pure torch + transformers: models, sampling, losses, monitors. Never imports ray."""
