@@ -13,7 +13,9 @@ built yet says so and exits 3. Neither prints a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -102,34 +104,100 @@ def label_import(path: Path) -> None:
     not_built("bulk label import (prefloop label import)")
 
 
+DbUrlOpt = Annotated[str | None, typer.Option(
+    "--db-url", help="Ledger URL (default: $PREFLOOP_DB_URL, else the run dir's SQLite file).")]
+RunDirOpt = Annotated[Path | None, typer.Option(
+    "--run-dir", help="Run directory whose ledger.sqlite to use.")]
+
+
+def _ledger_url(db_url: str | None, run_dir: Path | None) -> str:
+    from storage.db import DB_URL_ENV, resolve_url
+
+    if db_url is None and run_dir is None and not os.environ.get(DB_URL_ENV):
+        fail(f"which ledger? pass --db-url URL or --run-dir DIR, or set {DB_URL_ENV}")
+    if run_dir is not None and db_url is None and not run_dir.is_dir():
+        fail(f"--run-dir {run_dir}: no such directory")
+    return resolve_url(db_url, run_dir or Path("."))
+
+
+@contextmanager
+def _storage_errors():
+    """Storage refusals (bad input, unknown names, migrations) are messages, not tracebacks."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage.errors import StorageError
+
+    try:
+        yield
+    except StorageError as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        fail(f"database error: {exc.__class__.__name__}: {getattr(exc, 'orig', exc)}")
+
+
+def _open_ledger(db_url: str | None, run_dir: Path | None):
+    from storage.ledger import Ledger
+
+    return Ledger.open(_ledger_url(db_url, run_dir))
+
+
 @annotators_app.command("add")
-def annotators_add(name: str) -> None:
-    """Create an annotator and print its bearer token once."""
-    not_built("annotator management (prefloop annotators add)")
+def annotators_add(
+    name: str,
+    role: Annotated[str, typer.Option(help="annotator or admin")] = "annotator",
+    db_url: DbUrlOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Create an annotator and print its bearer token (shown this once, stored hashed)."""
+    with _storage_errors():
+        token = _open_ledger(db_url, run_dir).add_annotator(name, role)
+    typer.echo(f"annotator {name!r} ({role}) created; its token, shown only now:", err=True)
+    typer.echo(token)
 
 
 @annotators_app.command("revoke")
-def annotators_revoke(name: str) -> None:
-    """Revoke an annotator's token."""
-    not_built("annotator management (prefloop annotators revoke)")
+def annotators_revoke(name: str, db_url: DbUrlOpt = None, run_dir: RunDirOpt = None) -> None:
+    """Revoke an annotator's token (the annotator's labels stay in the ledger)."""
+    with _storage_errors():
+        annotator = _open_ledger(db_url, run_dir).revoke_annotator(name)
+    typer.echo(f"annotator {annotator.name!r} revoked at {annotator.revoked_at:%Y-%m-%d %H:%M:%S}")
 
 
 @annotators_app.command("list")
-def annotators_list() -> None:
+def annotators_list(db_url: DbUrlOpt = None, run_dir: RunDirOpt = None) -> None:
     """List annotators, their roles and whether they are revoked."""
-    not_built("annotator management (prefloop annotators list)")
+    with _storage_errors():
+        people = _open_ledger(db_url, run_dir).list_annotators()
+    for a in people:
+        state = f"revoked {a.revoked_at:%Y-%m-%d %H:%M}" if a.revoked_at else "active"
+        typer.echo(f"{a.name}\t{a.role}\t{state}\tcreated {a.created_at:%Y-%m-%d %H:%M}")
+    if not people:
+        typer.echo("no annotators", err=True)
 
 
 @db_app.command("upgrade")
-def db_upgrade() -> None:
+def db_upgrade(db_url: DbUrlOpt = None, run_dir: RunDirOpt = None) -> None:
     """Create or migrate the ledger schema to the newest revision."""
-    not_built("ledger migrations (prefloop db upgrade)")
+    from storage.db import upgrade
+
+    url = _ledger_url(db_url, run_dir)
+    with _storage_errors():
+        revision = upgrade(url)
+    typer.echo(f"ledger schema at revision {revision}")
 
 
 @db_app.command("status")
-def db_status() -> None:
-    """Show the ledger's schema revision and row counts."""
-    not_built("ledger status (prefloop db status)")
+def db_status(db_url: DbUrlOpt = None, run_dir: RunDirOpt = None) -> None:
+    """Show the ledger's schema revision and row counts (changes nothing)."""
+    from storage.db import status
+
+    with _storage_errors():
+        info = status(_ledger_url(db_url, run_dir))
+    state = "up to date" if info["up_to_date"] else "needs `prefloop db upgrade`"
+    typer.echo(f"{info['backend']} {info['url']}")
+    typer.echo(f"revision {info['current']} (head {info['head']}): {state}")
+    for table, count in info["tables"].items():
+        typer.echo(f"  {table:<20} {count:>10}")
 
 
 @app.command()

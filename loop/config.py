@@ -143,6 +143,16 @@ class EnsembleConfig(Section):
 
 
 class RMConfig(Section):
+    seed_pairs: str | None = "hh-rlhf"
+    """Labeled pairs written to the ledger before the first iteration, to train the first RM:
+    `hh-rlhf` (the shipped human pairs), a path to an HH-format JSONL(.gz) file, or null."""
+    seed_max_pairs: PositiveInt | None = None
+    """Seed at most this many pairs (null: all)."""
+    eval_pairs: str | None = "hh-rlhf-holdout"
+    """Held-out pairs the RM is evaluated on, never trained on: `hh-rlhf-holdout`, a path, or
+    null."""
+    eval_max_pairs: PositiveInt | None = None
+    """Evaluate on at most this many held-out pairs (null: all)."""
     trainers: PositiveInt = 1
     """DeepSpeed data-parallel RM trainer ranks (W)."""
     zero_stage: ZeroStage = 2

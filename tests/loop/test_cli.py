@@ -55,3 +55,53 @@ def test_unbuilt_capability_says_so_and_fails(argv, what):
     assert result.stderr == (
         f"prefloop: error: {what} is not built yet in this version of prefloop\n")
     assert "Traceback" not in result.stderr
+
+
+def test_db_upgrade_then_status(tmp_path):
+    up = prefloop("db", "upgrade", "--db-url", f"sqlite:///{tmp_path}/l.sqlite")
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.startswith("ledger schema at revision ")
+    head = up.stdout.split()[-1]
+    fresh = tmp_path / "run"
+    fresh.mkdir()
+    st = prefloop("db", "status", "--run-dir", str(fresh))  # no ledger.sqlite there yet
+    assert st.returncode == 0, st.stderr
+    assert f"revision None (head {head}): needs `prefloop db upgrade`" in st.stdout
+    st = prefloop("db", "status", "--db-url", f"sqlite:///{tmp_path}/l.sqlite")
+    assert f"revision {head} (head {head}): up to date" in st.stdout
+    assert "  preference                    0\n" in st.stdout
+
+
+def test_db_needs_to_know_which_ledger(tmp_path):
+    env_free = {k: v for k, v in os.environ.items() if k != "PREFLOOP_DB_URL"}
+    result = subprocess.run([sys.executable, "-m", "loop.main", "db", "status"], cwd=REPO,
+                            env=env_free, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == ("prefloop: error: which ledger? pass --db-url URL or --run-dir "
+                             "DIR, or set PREFLOOP_DB_URL\n")
+
+
+def test_annotator_lifecycle(tmp_path):
+    url = ["--db-url", f"sqlite:///{tmp_path}/l.sqlite"]
+    added = prefloop("annotators", "add", "alice", *url)
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.strip()
+    assert len(token) >= 43  # token_urlsafe(32): 256 random bits
+    assert "shown only now" in added.stderr
+    again = prefloop("annotators", "add", "alice", *url)
+    assert again.returncode == 2
+    assert again.stderr == ("prefloop: error: add_annotator: name 'alice' is taken "
+                            "(annotator id 1)\n")
+    bad_role = prefloop("annotators", "add", "bob", "--role", "boss", *url)
+    assert bad_role.returncode == 2 and "'role' must be one of ['annotator', 'admin']" in \
+        bad_role.stderr
+    assert prefloop("annotators", "add", "root", "--role", "admin", *url).returncode == 0
+    assert prefloop("annotators", "revoke", "alice", *url).returncode == 0
+    listed = prefloop("annotators", "list", *url).stdout.splitlines()
+    assert [line.split("\t")[:2] for line in listed] == [["alice", "annotator"],
+                                                         ["root", "admin"]]
+    assert listed[0].split("\t")[2].startswith("revoked ")
+    assert listed[1].split("\t")[2] == "active"
+    from storage.ledger import Ledger
+
+    assert Ledger.open(f"sqlite:///{tmp_path}/l.sqlite").authenticate(token) is None  # revoked

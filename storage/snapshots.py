@@ -1,0 +1,116 @@
+"""Watermarks and snapshots: the training set of an RM version is a ledger query.
+
+A snapshot at watermark ``W`` holds every *effective* preference of the campaign with
+``id <= W``: rows superseded by a correction that is itself ``<= W`` are left out, so inserts
+after ``W`` (new labels or corrections) never change it. Rows come in id order and hash to a
+sha256 over one canonical JSON line per row.
+
+PostgreSQL allocates ids before commit, so a transaction holding id 7 may commit after one
+holding id 8. ``safe_max_id`` therefore takes ``LOCK TABLE preference IN SHARE MODE``, which
+waits for every in-flight inserter: afterwards no id at or below the maximum can still appear.
+SQLite serializes writers, so its maximum id is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Select, and_, exists, func, select
+from sqlalchemy.orm import aliased
+
+from storage import validate as v
+from storage.errors import WatermarkAhead
+from storage.models import LABELER_KINDS, Comparison, Generation, Preference, Prompt
+from storage.records import Snapshot, SnapshotRow
+
+
+def safe_max_id(conn: Connection, campaign_id: int | None = None) -> int:
+    """Highest preference id (of the campaign, or overall) below which nothing can still land.
+
+    Call it in a short transaction of its own: on PostgreSQL it briefly blocks new inserts.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("LOCK TABLE preference IN SHARE MODE")
+    query = select(func.max(Preference.id))
+    if campaign_id is not None:
+        query = query.join(Comparison, Comparison.id == Preference.comparison_id).where(
+            Comparison.campaign_id == campaign_id
+        )
+    return int(conn.execute(query).scalar_one() or 0)
+
+
+def check_watermark(watermark: int, safe: int) -> int:
+    """Refuse a watermark that later inserts could still fall under."""
+    v.nonneg_int(watermark, "snapshot", "watermark")
+    if watermark > safe:
+        raise WatermarkAhead(
+            f"snapshot: watermark {watermark} is ahead of the ledger (highest committed "
+            f"preference id is {safe}); rows at or below it may still arrive"
+        )
+    return watermark
+
+
+def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """Sorted, de-duplicated labeler kinds, each one of ``ai``/``human``/``gold``."""
+    for kind in kinds:
+        v.one_of(kind, LABELER_KINDS, "snapshot", "kinds")
+    if not kinds:
+        raise v.fail("snapshot", "kinds", "a non-empty list of labeler kinds", kinds)
+    return tuple(sorted(set(kinds)))
+
+
+def effective_query(campaign_id: int, watermark: int, kinds: tuple[str, ...]) -> Select[Any]:
+    """The effective preferences of a campaign at a watermark, with texts, in id order."""
+    later = aliased(Preference)
+    gen_a, gen_b = aliased(Generation), aliased(Generation)
+    superseded = exists().where(and_(later.supersedes_id == Preference.id, later.id <= watermark))
+    return (
+        select(
+            Preference.id,
+            Preference.comparison_id,
+            Comparison.prompt_id,
+            Prompt.text,
+            gen_a.id,
+            gen_a.text,
+            gen_a.policy_version,
+            gen_b.id,
+            gen_b.text,
+            gen_b.policy_version,
+            Preference.choice,
+            Preference.strength,
+            Preference.labeler_kind,
+            Preference.labeler_id,
+        )
+        .join(Comparison, Comparison.id == Preference.comparison_id)
+        .join(Prompt, Prompt.id == Comparison.prompt_id)
+        .join(gen_a, gen_a.id == Comparison.generation_a_id)
+        .join(gen_b, gen_b.id == Comparison.generation_b_id)
+        .where(
+            Comparison.campaign_id == campaign_id,
+            Preference.id <= watermark,
+            Preference.labeler_kind.in_(kinds),
+            ~superseded,
+        )
+        .order_by(Preference.id)
+    )
+
+
+def snapshot_rows(
+    conn: Connection, campaign: str, campaign_id: int, watermark: int, kinds: tuple[str, ...]
+) -> Snapshot:
+    """Read the snapshot at a (safe) watermark and hash it."""
+    digest = hashlib.sha256()
+    rows: list[SnapshotRow] = []
+    for values in conn.execute(effective_query(campaign_id, watermark, kinds)):
+        row = SnapshotRow(*values)
+        digest.update(v.canonical_json(list(values)).encode("utf-8") + b"\n")
+        rows.append(row)
+    return Snapshot(
+        campaign=campaign,
+        watermark=watermark,
+        kinds=kinds,
+        rows=tuple(rows),
+        sha256=digest.hexdigest(),
+    )

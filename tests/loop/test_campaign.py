@@ -1,0 +1,112 @@
+"""`prefloop run` end to end on the tiny config: real Ray, a real SQLite ledger, the real
+shipped HH pairs; the run directory, resume rules and idempotent seeding."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from actors.core.metrics import read_jsonl
+from loop.config_load import load_config
+from loop.seed import seed_pairs
+from storage.ledger import Ledger
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def prefloop(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "loop.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    result = prefloop("run", "configs/tiny.yaml", f"campaign.run_dir={run_dir}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result.stdout
+
+
+def test_run_seeds_the_ledger_and_says_what_it_did(tiny_run):
+    run_dir, out = tiny_run
+    assert "seeded the ledger from" in out
+    assert "64 pairs, 64 new preferences (0 skipped" in out
+    assert "not built yet, so not run: rollout workers, AI labelers, PPO" in out
+    ledger = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite")
+    snap = ledger.snapshot("tiny")
+    assert len(snap.rows) == 64
+    assert {r.labeler_kind for r in snap.rows} == {"human"}
+    # both sides carry labels: the seeded a/b assignment is shuffled, not all "a"
+    choices = [r.choice for r in snap.rows]
+    assert 16 < choices.count("a") < 48 and choices.count("a") + choices.count("b") == 64
+    assert f"sha256 {snap.sha256[:16]}" in out
+
+
+def test_run_dir_holds_the_resolved_config_and_metrics(tiny_run):
+    run_dir, _ = tiny_run
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    expected = load_config(REPO / "configs/tiny.yaml", [f"campaign.run_dir={run_dir}"])
+    assert saved == expected.model_dump(mode="json")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert rows[0]["label/seed_pairs"] == 64 and rows[0]["label/seed_created"] == 64
+    assert rows[0]["timing/seed"] > 0
+
+
+def test_second_run_into_the_same_dir_is_refused(tiny_run):
+    run_dir, _ = tiny_run
+    result = prefloop("run", "configs/tiny.yaml", f"campaign.run_dir={run_dir}")
+    assert result.returncode == 2
+    assert result.stderr == (f"prefloop: error: {run_dir} already holds a campaign: continue it "
+                             f"with --resume {run_dir}, or pick another campaign.name or "
+                             "campaign.run_dir\n")
+
+
+def test_resume_with_a_changed_config_names_the_keys(tiny_run):
+    run_dir, _ = tiny_run
+    result = prefloop("run", "configs/tiny.yaml", f"campaign.run_dir={run_dir}",
+                      "ppo.lr=0.5", "rollout.workers=2", "--resume", str(run_dir))
+    assert result.returncode == 2
+    assert result.stderr == (f"prefloop: error: --resume {run_dir}: the config differs from the "
+                             "one the campaign started with at: ppo.lr, rollout.workers\n")
+
+
+def test_resume_into_a_non_run_dir(tmp_path):
+    result = prefloop("run", "configs/tiny.yaml", "--resume", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr == (f"prefloop: error: --resume {tmp_path}: no config.yaml there; "
+                             "not a run directory\n")
+
+
+def test_seeding_is_idempotent(tmp_path, shared_data):
+    from actors.core.hh import load_hh_jsonl
+
+    pairs = load_hh_jsonl(shared_data / "hh-rlhf/train.jsonl.gz", limit=40)
+    ledger = Ledger.open(f"sqlite:///{tmp_path}/l.sqlite")
+    ledger.ensure_campaign("c")
+    first = seed_pairs(ledger, "c", pairs, source="hh-rlhf", seed=3)
+    second = seed_pairs(ledger, "c", pairs, source="hh-rlhf", seed=3)
+    assert (first.created, second.created) == (40, 0)
+    assert first.watermark == second.watermark
+    snap = ledger.snapshot("c")
+    assert len(snap.rows) == 40
+    # the preferred text is the HH `chosen` reply, whichever side it was put on
+    for row, pair in zip(snap.rows, pairs, strict=True):
+        assert (row.text_a if row.choice == "a" else row.text_b) == pair.chosen
+
+
+def test_seeding_skips_pairs_with_nothing_to_learn(tmp_path):
+    from actors.core.hh import PreferencePair
+
+    pairs = [PreferencePair("\n\nHuman: hi\n\nAssistant:", "Hello!", "Go away."),
+             PreferencePair("\n\nHuman: hi\n\nAssistant:", "Same.", "Same."),
+             PreferencePair("\n\nHuman: yo\n\nAssistant:", "", "Hey.")]
+    ledger = Ledger.open(f"sqlite:///{tmp_path}/l.sqlite")
+    ledger.ensure_campaign("c")
+    result = seed_pairs(ledger, "c", pairs, source="test")
+    assert (result.pairs, result.skipped, result.created) == (3, 2, 1)
