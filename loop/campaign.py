@@ -4,7 +4,8 @@ The online loop (rollout → label → RM refresh → PPO → monitors) is being
 This driver runs every stage that exists, for real, and names the ones that do not exist yet
 instead of inventing results. Today that is: prepare the run directory, join or start Ray, open
 the ledger, seed it with labeled pairs, train the first reward model on the ledger snapshot
-under DeepSpeed, evaluate it on held-out pairs, and register it in the ledger and weight store.
+under DeepSpeed ZeRO, evaluate it on held-out pairs, publish it to the weight store and
+register it (with its training-set watermark and hash) in the ledger.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from actors.core.hh import load_hh_jsonl
 from actors.core.metrics import JsonlSink
 from loop.config import Config
 from loop.ray_env import connect
+from loop.rm_refresh import refresh_rm
 from loop.run_dir import prepare_run_dir
 from loop.seed import resolve_pairs_path, seed_pairs
 from storage.db import resolve_url
@@ -47,13 +49,13 @@ def run_campaign(cfg: Config, config_path: Path, resume: Path | None = None) -> 
     say = Reporter()
     run_dir = prepare_run_dir(cfg, resume)
     say(f"campaign {cfg.campaign.name!r} from {config_path}; run directory {run_dir}")
-    where = connect()
-    say(f"Ray: {'joined the cluster' if where == 'cluster' else 'started a local instance'}")
     url = resolve_url(cfg.storage.db_url, run_dir)
-    ledger = Ledger.open(url, cfg.storage.max_text_chars)
+    ledger = Ledger.open(url, cfg.storage.max_text_chars)  # before Ray: a bad URL fails fast
     name = cfg.campaign.name
     ledger.ensure_campaign(name, cfg.model_dump(mode="json"))
     say(f"ledger: {url}")
+    where = connect()
+    say(f"Ray: {'joined the cluster' if where == 'cluster' else 'started a local instance'}")
     sink = JsonlSink(run_dir / "metrics.jsonl")
     metrics: dict[str, float] = {}
     try:
@@ -71,6 +73,16 @@ def run_campaign(cfg: Config, config_path: Path, resume: Path | None = None) -> 
         snap = ledger.snapshot(name)
         say(f"ledger snapshot: {len(snap.rows)} preferences at watermark {snap.watermark}, "
             f"sha256 {snap.sha256[:16]}…")
+        if ledger.model_versions(name, "rm"):
+            say("RM v1 exists already (resumed campaign): not retrained")
+        elif snap.rows:
+            with timed(metrics, "rm_refresh"):
+                rm = refresh_rm(cfg, ledger, run_dir, version=1, say=say)
+            ledger.set_model_status(name, "rm", 1, "promoted",
+                                    reason="first RM version: no incumbent to beat")
+            metrics.update(rm.metrics)
+        else:
+            say("the ledger holds no preferences: no RM to train (set rm.seed_pairs)")
         sink.log(metrics, step=0)
         ledger.log_metrics(name, 0, metrics)
     finally:

@@ -87,7 +87,8 @@ def run(
     from loop.campaign import run_campaign
 
     try:
-        run_campaign(cfg, config_path=config, resume=resume)
+        with _storage_errors():
+            run_campaign(cfg, config_path=config, resume=resume)
     except ConfigError as exc:
         fail(str(exc))
 

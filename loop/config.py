@@ -163,6 +163,8 @@ class RMConfig(Section):
     """AdamW weight decay."""
     micro_batch_size: PositiveInt = 8
     """Pairs per rank per step."""
+    max_grad_norm: PositiveFloat = 1.0
+    """Global gradient-norm clip."""
     epochs: PositiveInt = 1
     """Passes over the snapshot per refresh."""
     margin: bool = False

@@ -19,20 +19,21 @@ def configure_auth() -> str:
 
 
 def connect(num_cpus: int | None = None) -> str:
-    """Join the Ray cluster this process was given, or start a local one.
+    """Join the Ray cluster named by $RAY_ADDRESS, or start a private local one.
 
-    Inside `ray job submit` (RAY_ADDRESS set) or next to `ray start --head`, this joins that
-    cluster; otherwise it starts a private local instance (`address="local"`, which also works
-    while some other cluster runs on the machine). Returns "cluster" or "local".
+    `ray job submit` sets RAY_ADDRESS for its driver, so a submitted campaign joins its cluster;
+    next to `ray start --head`, `RAY_ADDRESS=auto prefloop run …` joins that one. Without it,
+    prefloop starts its own local instance (`address="local"`) rather than attaching to
+    whatever Ray happens to run on the machine. Returns "cluster" or "local".
     """
     configure_auth()
     import ray
 
+    address = os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return "cluster" if os.environ.get("RAY_ADDRESS") else "local"
-    try:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+        return "cluster" if address else "local"
+    if address:
+        ray.init(address=address)
         return "cluster"
-    except ConnectionError:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-        return "local"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    return "local"

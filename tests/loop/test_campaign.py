@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from actors.core.metrics import read_jsonl
@@ -48,6 +49,27 @@ def test_run_seeds_the_ledger_and_says_what_it_did(tiny_run):
     assert f"sha256 {snap.sha256[:16]}" in out
 
 
+def test_run_trains_and_registers_rm_v1(tiny_run):
+    run_dir, out = tiny_run
+    ledger = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite")
+    (rm,) = ledger.model_versions("tiny", "rm")
+    assert (rm.version, rm.status) == (1, "promoted")
+    snap = ledger.snapshot("tiny")
+    assert rm.snapshot.watermark == snap.watermark == 64
+    assert rm.snapshot.sha256 == snap.sha256
+    assert ledger.training_set("tiny", 1).sha256 == snap.sha256  # rebuilt from the ledger
+    assert rm.weight_uri == str(run_dir / "weights/rm/v1")
+    assert (run_dir / "weights/rm/v1/COMPLETE").is_file()
+    assert rm.metrics["rm/train_pairs"] == 64 and rm.metrics["rm/steps"] == 16  # 64 / batch 4
+    assert 0.0 <= rm.metrics["rm/eval_accuracy"] <= 1.0
+    assert f"held-out accuracy {rm.metrics['rm/eval_accuracy']:.3f}" in out
+    from actors.core.reward_model import RewardModel
+
+    model = RewardModel.load(run_dir / "weights/rm/v1")
+    assert model.head.weight.shape == (1, model.backbone.config.hidden_size)
+    assert torch.isfinite(model.head.weight).all() and model.head.weight.abs().sum() > 0
+
+
 def test_run_dir_holds_the_resolved_config_and_metrics(tiny_run):
     run_dir, _ = tiny_run
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -55,7 +77,8 @@ def test_run_dir_holds_the_resolved_config_and_metrics(tiny_run):
     assert saved == expected.model_dump(mode="json")
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert rows[0]["label/seed_pairs"] == 64 and rows[0]["label/seed_created"] == 64
-    assert rows[0]["timing/seed"] > 0
+    assert rows[0]["timing/seed"] > 0 and rows[0]["timing/rm_refresh"] > 0
+    assert rows[0]["rm/train_pairs"] == 64
 
 
 def test_second_run_into_the_same_dir_is_refused(tiny_run):
@@ -65,6 +88,16 @@ def test_second_run_into_the_same_dir_is_refused(tiny_run):
     assert result.stderr == (f"prefloop: error: {run_dir} already holds a campaign: continue it "
                              f"with --resume {run_dir}, or pick another campaign.name or "
                              "campaign.run_dir\n")
+
+
+def test_resume_seeds_nothing_twice_and_keeps_rm_v1(tiny_run):
+    run_dir, _ = tiny_run
+    result = prefloop("run", "configs/tiny.yaml", f"campaign.run_dir={run_dir}",
+                      "--resume", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "64 pairs, 0 new preferences" in result.stdout
+    assert "RM v1 exists already (resumed campaign): not retrained" in result.stdout
+    assert len(Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite").snapshot("tiny").rows) == 64
 
 
 def test_resume_with_a_changed_config_names_the_keys(tiny_run):

@@ -3,7 +3,9 @@ that accepts `ray job submit` of the prefloop entry point with auth pinned the s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,35 +49,47 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A real `ray start --head` cluster, torn down afterwards."""
+    """A real `ray start --head --block` cluster in its own process group; teardown signals that
+    group only (never `ray stop`, which would also kill the session's other Ray instances)."""
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bindir}:{os.environ['PATH']}"}
     # Every port explicit: the session's local Ray already holds the defaults (e.g. the
     # dashboard agent's 52365), and a head whose agent cannot bind never accepts jobs.
     gcs, dash, agent_http, agent_grpc, metrics = (_free_port() for _ in range(5))
-    start = [f"{bindir}/ray", "start", "--head", f"--port={gcs}", "--num-cpus=1",
+    start = [f"{bindir}/ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=1",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent_http}",
              f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-             "--disable-usage-stats",
-             f"--temp-dir={tmp_path_factory.mktemp('ray')}"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
-    yield env, f"http://127.0.0.1:{dash}"
-    subprocess.run([f"{bindir}/ray", "stop", "--force"], env=env, capture_output=True,
-                   timeout=120)
+             "--disable-usage-stats", f"--temp-dir={tmp_path_factory.mktemp('ray')}"]
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield env, f"http://127.0.0.1:{dash}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):  # stragglers of the head's group
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def submit(ray_head, *entrypoint: str) -> subprocess.CompletedProcess[str]:
-    """`ray job submit --working-dir . -- ENTRYPOINT`, retried while the freshly started
-    head's job agent is not up yet (Ray answers 500 "No available agent" for a few seconds)."""
+    """`ray job submit --working-dir . -- ENTRYPOINT`, retried while the freshly started head
+    is not up yet (connection refused, or 500 "No available agent" for a few seconds)."""
     env, address = ray_head
     argv = [f"{Path(sys.executable).parent}/ray", "job", "submit", "--address", address,
             "--working-dir", ".", "--", *entrypoint]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while True:
         result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=300)
-        if "No available agent" not in result.stderr or time.monotonic() > deadline:
+        starting = ("No available agent" in result.stderr
+                    or "Failed to connect to Ray" in result.stderr
+                    or "ConnectionError" in result.stderr)
+        if not starting or time.monotonic() > deadline:
             return result
         time.sleep(2)
 
