@@ -141,11 +141,18 @@ class RewardTrainer:
             first_epoch: int = 0) -> list[StepMetrics]:
         """Train on this rank's shard of `pairs` for epochs first_epoch, first_epoch + 1, …"""
         self.engine.train()
-        history = []
+        history: list[StepMetrics] = []
+        t0 = time.perf_counter()
         for epoch in range(first_epoch, first_epoch + epochs):
-            for index in epoch_batches(len(pairs), self.world_size, self.rank,
-                                       self.cfg.micro_batch_size, self.seed, epoch):
+            batches = epoch_batches(len(pairs), self.world_size, self.rank,
+                                    self.cfg.micro_batch_size, self.seed, epoch)
+            for step, index in enumerate(batches, 1):
                 history.append(self._step([pairs[i] for i in index]))
+                if self.rank == 0 and step % max(1, len(batches) // 10) == 0:
+                    # a plain line: Ray forwards it to the driver's terminal and the job log
+                    print(f"rm epoch {epoch} step {step}/{len(batches)} loss "
+                          f"{history[-1].loss:.4f} ({time.perf_counter() - t0:.0f}s)",
+                          flush=True)
         return history
 
     @torch.no_grad()

@@ -14,13 +14,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from actors.core.hh import load_hh_jsonl
 from actors.core.metrics import JsonlSink
 from loop.config import Config
 from loop.ray_env import connect
 from loop.rm_refresh import refresh_rm
 from loop.run_dir import prepare_run_dir
-from loop.seed import resolve_pairs_path, seed_pairs
+from loop.seed import load_seed_pairs, resolve_pairs_path, seed_pairs
 from storage.db import resolve_url
 from storage.ledger import Ledger
 
@@ -62,9 +61,9 @@ def run_campaign(cfg: Config, config_path: Path, resume: Path | None = None) -> 
         if cfg.rm.seed_pairs:
             with timed(metrics, "seed"):
                 path = resolve_pairs_path(cfg.rm.seed_pairs, "rm.seed_pairs")
-                pairs = load_hh_jsonl(path, limit=cfg.rm.seed_max_pairs)
-                seeded = seed_pairs(ledger, name, pairs, source=cfg.rm.seed_pairs,
-                                    seed=cfg.campaign.seed)
+                loaded = load_seed_pairs(cfg, path)
+                seeded = seed_pairs(ledger, name, loaded.pairs, source=cfg.rm.seed_pairs,
+                                    labeler_kind=loaded.labeler_kind, seed=cfg.campaign.seed)
             metrics.update({"label/seed_pairs": seeded.pairs, "label/seed_created": seeded.created,
                             "label/seed_skipped": seeded.skipped})
             say(f"seeded the ledger from {path}: {seeded.pairs} pairs, {seeded.created} new "

@@ -145,7 +145,11 @@ class EnsembleConfig(Section):
 class RMConfig(Section):
     seed_pairs: str | None = "hh-rlhf"
     """Labeled pairs written to the ledger before the first iteration, to train the first RM:
-    `hh-rlhf` (the shipped human pairs), a path to an HH-format JSONL(.gz) file, or null."""
+    `hh-rlhf` (the shipped human pairs), a path to a file in `seed_format`'s schema, or null."""
+    seed_format: Literal["hh-rlhf", "tldr", "helpsteer2", "ultrafeedback-binarized"] = "hh-rlhf"
+    """Schema of the rm.seed_pairs file (JSON/JSONL(.gz)/Parquet; actors.core.datasets)."""
+    seed_attribute_weights: dict[str, float] | None = None
+    """helpsteer2 only: attribute → weight of the preference score (null: helpfulness only)."""
     seed_max_pairs: PositiveInt | None = None
     """Seed at most this many pairs (null: all)."""
     eval_pairs: str | None = "hh-rlhf-holdout"

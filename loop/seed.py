@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.core.datasets import LoadedPairs, load_preferences
 from actors.core.hh import PreferencePair
+from loop.config import Config
 from loop.config_load import ConfigError
 from storage.ledger import Ledger
 from storage.records import NewComparison, NewGeneration, NewPreference
@@ -51,6 +53,15 @@ def resolve_pairs_path(source: str, key: str) -> Path:
     return path
 
 
+def load_seed_pairs(cfg: Config, path: Path) -> LoadedPairs:
+    """Read `rm.seed_pairs` in `rm.seed_format`'s schema; a bad file is a `ConfigError`."""
+    try:
+        return load_preferences(cfg.rm.seed_format, path=str(path), limit=cfg.rm.seed_max_pairs,
+                                attribute_weights=cfg.rm.seed_attribute_weights)
+    except ValueError as exc:
+        raise ConfigError(f"rm.seed_pairs: {exc}") from None
+
+
 def seed_pairs(ledger: Ledger, campaign: str, pairs: Sequence[PreferencePair], *,
                source: str, labeler_kind: str = "human", seed: int = 0) -> SeedResult:
     """Write `pairs` into the ledger as labeled comparisons (idempotent)."""
@@ -73,7 +84,7 @@ def seed_pairs(ledger: Ledger, campaign: str, pairs: Sequence[PreferencePair], *
              for i in range(len(pairs))]
     comp_ids = ledger.add_comparisons(campaign, comps)
     prefs = [NewPreference(cid, "b" if flip else "a", labeler_kind, worker,
-                           idempotency_key=f"seed:{source}:{cid}")
-             for cid, flip in zip(comp_ids, flips, strict=True)]
+                           strength=pair.margin or None, idempotency_key=f"seed:{source}:{cid}")
+             for cid, flip, pair in zip(comp_ids, flips, pairs, strict=True)]
     created = sum(r.created for r in ledger.record_preferences(campaign, prefs))
     return SeedResult(len(pairs) + skipped, skipped, created, ledger.watermark(campaign))

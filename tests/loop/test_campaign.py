@@ -143,3 +143,31 @@ def test_seeding_skips_pairs_with_nothing_to_learn(tmp_path):
     ledger.ensure_campaign("c")
     result = seed_pairs(ledger, "c", pairs, source="test")
     assert (result.pairs, result.skipped, result.created) == (3, 2, 1)
+
+
+def test_seed_from_another_format_keeps_kind_and_margin(tmp_path):
+    from loop.seed import load_seed_pairs
+
+    fixture = REPO / "tests/actors/core/fixtures/ultrafeedback.jsonl"
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"rm.seed_pairs={fixture}",
+                                                   "rm.seed_format=ultrafeedback-binarized"])
+    loaded = load_seed_pairs(cfg, fixture)
+    assert loaded.labeler_kind == "ai"
+    ledger = Ledger.open(f"sqlite:///{tmp_path}/l.sqlite")
+    ledger.ensure_campaign("c")
+    result = seed_pairs(ledger, "c", loaded.pairs, source="uf", labeler_kind=loaded.labeler_kind)
+    assert result.created == len(loaded.pairs)
+    rows = ledger.snapshot("c").rows
+    assert {r.labeler_kind for r in rows} == {"ai"}
+    assert [r.strength for r in rows] == [p.margin or None for p in loaded.pairs]
+    assert any(r.strength for r in rows)
+
+
+def test_a_seed_file_in_the_wrong_schema_is_a_config_error(tmp_path):
+    from loop.config_load import ConfigError
+    from loop.seed import load_seed_pairs
+
+    fixture = REPO / "tests/actors/core/fixtures/tldr.jsonl"
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"rm.seed_pairs={fixture}"])  # hh-rlhf schema
+    with pytest.raises(ConfigError, match=r"^rm.seed_pairs: .*tldr.jsonl: row 1: "):
+        load_seed_pairs(cfg, fixture)
