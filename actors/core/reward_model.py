@@ -58,7 +58,7 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(config, key, 0.0)
 
 
-def _freeze_pooler(backbone: PreTrainedModel) -> None:
+def freeze_pooler(backbone: PreTrainedModel) -> None:
     # A BERT-style pooler never gets a gradient (we read the hidden state): freeze it so that
     # optimizers built over the trainable parameters skip it. It is kept so checkpoints round-trip.
     pooler = getattr(backbone, "pooler", None)
@@ -129,7 +129,7 @@ class RewardModel(nn.Module):
         meta = json.loads((src / META_FILE).read_text(encoding="utf-8"))
         dtype = getattr(torch, meta["dtype"])
         backbone = AutoModel.from_pretrained(src / BACKBONE_DIR, dtype=dtype)
-        _freeze_pooler(backbone)
+        freeze_pooler(backbone)
         disable_dropout(backbone)
         model = cls(backbone, meta["kind"]).to(dtype)
         model.pooling = meta["pooling"]
@@ -150,16 +150,30 @@ def build_reward_model(
     The head starts at w ~ N(0, 1/(H+1)) (as in Stiennon et al. 2020), so initial rewards are
     O(1) whatever the hidden size.
     """
-    backbone, tokenizer, kind = load_reward_backbone(spec_name, seed)
-    _freeze_pooler(backbone)
-    disable_dropout(backbone)
+    backbone, tokenizer, kind = prepare_backbone(spec_name, seed)
     model = RewardModel(backbone, kind)
-    generator = torch.Generator().manual_seed(seed)
-    hidden = model.head.in_features
-    with torch.no_grad():
-        model.head.weight.copy_(
-            torch.randn(model.head.weight.shape, generator=generator) / math.sqrt(hidden + 1))
+    init_head_(model.head, seed)
     return model, tokenizer
+
+
+def prepare_backbone(spec_name: str, seed: int
+                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """`load_reward_backbone` with the pooler frozen and dropout off (what every head trains
+    on: deterministic forward passes, no parameters that get no gradient)."""
+    backbone, tokenizer, kind = load_reward_backbone(spec_name, seed)
+    freeze_pooler(backbone)
+    disable_dropout(backbone)
+    return backbone, tokenizer, kind
+
+
+def init_head_(head: nn.Linear, seed: int) -> None:
+    """In place: w ~ N(0, 1/(H+1)) from a generator seeded with `seed`, bias (if any) 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator)
+                          / math.sqrt(head.in_features + 1))
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 def join_text(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> str:
