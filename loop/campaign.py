@@ -73,11 +73,11 @@ def run_campaign(cfg: Config, config_path: Path, resume: Path | None = None) -> 
         say(f"ledger snapshot: {len(snap.rows)} preferences at watermark {snap.watermark}, "
             f"sha256 {snap.sha256[:16]}…")
         if ledger.model_versions(name, "rm"):
-            say("RM v1 exists already (resumed campaign): not retrained")
+            say("the first RM exists already (resumed campaign): not retrained")
         elif snap.rows:
             with timed(metrics, "rm_refresh"):
                 rm = refresh_rm(cfg, ledger, run_dir, version=1, say=say)
-            ledger.set_model_status(name, "rm", 1, "promoted",
+            ledger.set_model_status(name, "rm", rm.version, "promoted",
                                     reason="first RM version: no incumbent to beat")
             metrics.update(rm.metrics)
         else:

@@ -19,9 +19,10 @@ from actors.core.hh import PreferencePair, load_hh_jsonl
 from actors.reward_trainer import RewardTrainerGroup
 from loop.config import Config
 from loop.seed import resolve_pairs_path
+from storage.errors import VersionExists
 from storage.ledger import Ledger
 from storage.records import Snapshot
-from storage.weights import open_weight_store
+from storage.weights import WeightStore, WeightVersion, open_weight_store
 
 WEIGHTS_ENV = "PREFLOOP_WEIGHTS_URI"
 
@@ -77,13 +78,31 @@ def refresh_rm(cfg: Config, ledger: Ledger, run_dir: Path, version: int,
             say(f"RM v{version}: held-out accuracy {held.accuracy:.3f} (ECE {held.ece:.3f}) "
                 f"on {cfg.rm.eval_pairs}")
         store = open_weight_store(weights_location(cfg, run_dir))
-        published = store.publish("rm", version, lambda d: group.save(d))
+        published = publish_new_version(store, version, lambda d: group.save(d), say)
+        version = published.version
     finally:
         group.shutdown()
     ledger.record_model_version(name, "rm", version, snapshot=snap.ref, metrics=metrics,
                                 weight_uri=published.uri)
     say(f"RM v{version}: published to {published.uri}")
     return RMRefresh(version, len(pairs), ties, published.uri, metrics)
+
+
+def publish_new_version(store: WeightStore, version: int, write: Callable[[Path], object],
+                        say: Callable[[str], None]) -> WeightVersion:
+    """Publish at `version`, or past it when the store already holds that version.
+
+    Versions are immutable, and a run killed after publishing but before the ledger recorded
+    the version leaves an orphan behind: the new weights take the next free version instead
+    (the ledger never references the orphan).
+    """
+    start = max([version, *(v + 1 for v in store.versions("rm"))])
+    for candidate in range(start, start + 10):
+        try:
+            return store.publish("rm", candidate, write)
+        except VersionExists:
+            say(f"weight store already holds rm v{candidate} (an interrupted publish): skipping")
+    raise VersionExists(f"rm: no free version in v{start}..v{start + 9}")
 
 
 def evaluate_held_out(group: RewardTrainerGroup, cfg: Config) -> PairMetrics:

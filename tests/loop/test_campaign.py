@@ -96,7 +96,7 @@ def test_resume_seeds_nothing_twice_and_keeps_rm_v1(tiny_run):
                       "--resume", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "64 pairs, 0 new preferences" in result.stdout
-    assert "RM v1 exists already (resumed campaign): not retrained" in result.stdout
+    assert "the first RM exists already (resumed campaign): not retrained" in result.stdout
     assert len(Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite").snapshot("tiny").rows) == 64
 
 
@@ -171,3 +171,20 @@ def test_a_seed_file_in_the_wrong_schema_is_a_config_error(tmp_path):
     cfg = load_config(REPO / "configs/tiny.yaml", [f"rm.seed_pairs={fixture}"])  # hh-rlhf schema
     with pytest.raises(ConfigError, match=r"^rm.seed_pairs: .*tldr.jsonl: row 1: "):
         load_seed_pairs(cfg, fixture)
+
+
+def test_an_orphaned_weight_version_is_never_overwritten(tmp_path):
+    """A run killed after publishing rm v1 but before the ledger recorded it: the rerun
+    publishes v2 and the ledger points there; the orphan's bytes stay untouched."""
+    from storage.weights import open_weight_store
+
+    run_dir = tmp_path / "tiny"
+    orphan = open_weight_store(run_dir / "weights").publish("rm", 1, {"model.bin": b"orphan"})
+    result = prefloop("run", "configs/tiny.yaml", f"campaign.run_dir={run_dir}",
+                      "rm.seed_max_pairs=16", "rm.eval_pairs=null")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (rm,) = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite").model_versions("tiny", "rm")
+    assert (rm.version, rm.status) == (2, "promoted")
+    assert rm.weight_uri == str(run_dir / "weights/rm/v2")
+    assert (run_dir / "weights/rm/v1/model.bin").read_bytes() == b"orphan"
+    assert orphan.version == 1
