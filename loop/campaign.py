@@ -76,7 +76,7 @@ def run_campaign(cfg: Config, config_path: Path, resume: Path | None = None) -> 
             say("the first RM exists already (resumed campaign): not retrained")
         elif snap.rows:
             with timed(metrics, "rm_refresh"):
-                rm = refresh_rm(cfg, ledger, run_dir, version=1, say=say)
+                rm = refresh_rm(cfg, ledger, snap, run_dir, version=1, say=say)
             ledger.set_model_status(name, "rm", rm.version, "promoted",
                                     reason="first RM version: no incumbent to beat")
             metrics.update(rm.metrics)

@@ -55,11 +55,11 @@ def weights_location(cfg: Config, run_dir: Path) -> str:
     return cfg.storage.weights_uri or os.environ.get(WEIGHTS_ENV) or str(run_dir / "weights")
 
 
-def refresh_rm(cfg: Config, ledger: Ledger, run_dir: Path, version: int,
+def refresh_rm(cfg: Config, ledger: Ledger, snap: Snapshot, run_dir: Path, version: int,
                say: Callable[[str], None]) -> RMRefresh:
-    """Train RM `version` on the current snapshot under DeepSpeed, evaluate, publish, record."""
+    """Train RM `version` on `snap` under DeepSpeed, evaluate, publish, record it with the
+    snapshot's watermark and hash."""
     name = cfg.campaign.name
-    snap = ledger.snapshot(name)
     pairs, ties = snapshot_pairs(snap)
     say(f"RM v{version}: training {cfg.models.reward.name} on {len(pairs)} pairs "
         f"(snapshot watermark {snap.watermark}) with {cfg.rm.trainers} DeepSpeed ZeRO-"

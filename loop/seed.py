@@ -44,7 +44,7 @@ def data_dir() -> Path:
 
 
 def resolve_pairs_path(source: str, key: str) -> Path:
-    """A shipped dataset name (`hh-rlhf`) or a path to an HH-format JSONL(.gz) file."""
+    """A shipped dataset name (`hh-rlhf`, `hh-rlhf-holdout`) or a path to a data file."""
     path = data_dir() / SHIPPED[source] if source in SHIPPED else Path(source)
     if not path.is_file():
         hint = (" (set PREFLOOP_DATA_DIR to the folder that holds hh-rlhf/)"
