@@ -2,7 +2,7 @@
 
     prefloop run CONFIG [KEY=VALUE ...] [--resume RUN_DIR]
     prefloop check CONFIG [KEY=VALUE ...]
-    prefloop label serve|import ...
+    prefloop label serve|import|export ...
     prefloop annotators add|revoke|list ...
     prefloop db upgrade|status
     prefloop report RUN_DIR
@@ -34,7 +34,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-label_app = typer.Typer(help="Human labeling: serve the label API and web page, import labels.",
+label_app = typer.Typer(help="Human labeling: serve the label API and web page, import and "
+                        "export labels.",
                         no_args_is_help=True)
 annotators_app = typer.Typer(help="Manage annotators and their bearer tokens.",
                              no_args_is_help=True)
@@ -93,16 +94,123 @@ def run(
         fail(str(exc))
 
 
+CampaignOpt = Annotated[str | None, typer.Option(
+    "--campaign", help="Campaign name (default: campaign.name in the --run-dir's config.yaml).")]
+
+
+@contextmanager
+def _label_errors():
+    """Label-file and bind refusals are one-line messages, like storage refusals."""
+    from actors.label_app import UnsafeBind
+    from loop.label_io import LabelFileError
+
+    with _storage_errors():
+        try:
+            yield
+        except (LabelFileError, UnsafeBind) as exc:
+            fail(str(exc))
+
+
 @label_app.command("serve")
-def label_serve() -> None:
-    """Serve the human label API and web page."""
-    not_built("the human label service (prefloop label serve)")
+def label_serve(
+    db_url: DbUrlOpt = None,
+    run_dir: RunDirOpt = None,
+    campaign: CampaignOpt = None,
+    host: Annotated[str, typer.Option(
+        help="Interface to bind; non-loopback needs a live annotator token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        help="Host-header name to serve besides loopback and --host (repeatable).")] = None,
+    allow_origin: Annotated[list[str] | None, typer.Option(
+        help="Extra allowed Origin, e.g. https://label.example.org (repeatable).")] = None,
+) -> None:
+    """Serve the human label API and web page (uvicorn, until Ctrl-C)."""
+    import uvicorn
+
+    from actors.label_app import LabelSettings, create_app
+    from loop import label_io
+
+    with _label_errors():
+        name = label_io.campaign_name(campaign, run_dir)
+        try:
+            settings = LabelSettings(host=host, port=port, allowed_hosts=tuple(allow_host or ()),
+                                     allowed_origins=tuple(allow_origin or ()))
+        except ValueError as exc:
+            fail(str(exc))
+        app = create_app(_open_ledger(db_url, run_dir), name, settings)
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"serving campaign {name!r} at http://{shown}:{port}/ (Ctrl-C stops)", err=True)
+    if host in ("0.0.0.0", "::") and not allow_host:
+        typer.echo("note: only loopback Host names are served; pass --allow-host NAME for the "
+                   "name annotators type into their browser", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False,
+                server_header=False, lifespan="off")
 
 
 @label_app.command("import")
-def label_import(path: Path) -> None:
-    """Bulk-import human labels from a JSONL file."""
-    not_built("bulk label import (prefloop label import)")
+def label_import(
+    path: Annotated[Path, typer.Argument(help="JSONL file, one label per line.")],
+    skip_bad: Annotated[bool, typer.Option(
+        help="Import the good lines of a file that has bad ones.")] = False,
+    db_url: DbUrlOpt = None,
+    run_dir: RunDirOpt = None,
+    campaign: CampaignOpt = None,
+) -> None:
+    """Bulk-import human labels from a JSONL file (every line is checked first)."""
+    from loop import label_io
+
+    with _label_errors():
+        name = label_io.campaign_name(campaign, run_dir)
+        if not path.is_file():
+            fail(f"{path}: no such file")
+        ledger = _open_ledger(db_url, run_dir)
+        parsed = label_io.read_labels(path, ledger.max_text_chars)
+        if label_io.ensure_campaign(ledger, name):
+            typer.echo(f"campaign {name!r} did not exist in this ledger: created it", err=True)
+        try:
+            done = label_io.import_labels(ledger, name, parsed, skip_bad)
+        except label_io.ImportRefused as refused:
+            _report_bad(path, refused.bad, "error")
+            fail(f"{path}: {len(refused.bad)} bad line(s) of {len(parsed.lines) + len(parsed.bad)}"
+                 "; nothing imported (fix them, or pass --skip-bad to import the rest)")
+    _report_bad(path, done.skipped, "warning")
+    skipped = f"; skipped {len(done.skipped)} bad line(s)" if done.skipped else ""
+    typer.echo(f"imported {done.created + done.existing} label(s) into campaign {name!r}: "
+               f"{done.created} new, {done.existing} already in the ledger{skipped}")
+
+
+def _report_bad(path: Path, bad: list, level: str) -> None:
+    from loop.label_io import MAX_REPORTED
+
+    for line in sorted(bad, key=lambda b: b.number)[:MAX_REPORTED]:
+        typer.echo(f"prefloop: {level}: {path}:{line.number}: {line.problem}", err=True)
+    if len(bad) > MAX_REPORTED:
+        typer.echo(f"prefloop: {level}: {path}: ... and {len(bad) - MAX_REPORTED} more", err=True)
+
+
+@label_app.command("export")
+def label_export(
+    out: Annotated[Path | None, typer.Option(help="Write here (default: stdout).")] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        help="Labeler kinds to export: human, ai, gold (repeatable; default human).")] = None,
+    db_url: DbUrlOpt = None,
+    run_dir: RunDirOpt = None,
+    campaign: CampaignOpt = None,
+) -> None:
+    """Export the campaign's effective preferences as JSONL, with provenance."""
+    from loop import label_io
+
+    with _label_errors():
+        name = label_io.campaign_name(campaign, run_dir)
+        ledger = _open_ledger(db_url, run_dir)
+        kinds = kind or ["human"]
+        if out is None:
+            count = label_io.export_labels(ledger, name, kinds, sys.stdout)
+        else:
+            count = label_io.export_to_file(ledger, name, kinds, out)
+    where = "" if out is None else f" to {out}"
+    typer.echo(f"exported {count} preference(s) of campaign {name!r} ({', '.join(kinds)})"
+               f"{where}", err=True)
 
 
 DbUrlOpt = Annotated[str | None, typer.Option(
