@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -61,11 +62,20 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def epoch_batches(n: int, world_size: int, rank: int, micro_batch: int, seed: int,
-                  epoch: int) -> list[list[int]]:
+                  epoch: int, lengths: Sequence[int] | None = None,
+                  window: int = 0) -> list[list[int]]:
     """Item indices of this rank's micro-batches in one epoch.
 
-    Every rank gets the same number of steps, n // (world_size · micro_batch): the incomplete
-    last global batch is dropped, so all ranks take part in every collective.
+    The epoch's shuffle (`epoch_permutation`) is cut into global batches of G = W · B items;
+    rank r takes items r, r + W, … of each, so the global batches — and hence the updates — are
+    the same for any W with the same G. Every rank gets the same number of steps, n // G: the
+    incomplete last global batch is dropped, so all ranks take part in every collective.
+
+    Length grouping (`lengths` given, `window` ≥ 2): the shuffle is split into spans of
+    `window` global batches; each span is sorted by length before it is cut, and the global
+    batches are then put in a seeded random order. Batches then hold inputs of similar length,
+    so little of each padded batch is padding, while which items meet in a batch, and the order
+    of batches, stay random from epoch to epoch.
 
     Args:
         n: Items in the data set.
@@ -74,13 +84,25 @@ def epoch_batches(n: int, world_size: int, rank: int, micro_batch: int, seed: in
         micro_batch: Items per rank per step B.
         seed: Run seed.
         epoch: Epoch number (a new shuffle each epoch).
+        lengths: Optional `n` input lengths (tokens) for length grouping.
+        window: Global batches per sorted span (0 or 1: no grouping).
 
     Returns:
         `steps` lists of `B` indices.
     """
-    shard = epoch_permutation(n, seed, epoch)[rank::world_size]
-    steps = n // (world_size * micro_batch)
-    return [shard[k * micro_batch:(k + 1) * micro_batch] for k in range(steps)]
+    size = world_size * micro_batch
+    steps = n // size
+    used = epoch_permutation(n, seed, epoch)[:steps * size]
+    if lengths is not None and window >= 2:
+        if len(lengths) != n:
+            raise ValueError(f"lengths has {len(lengths)} entries for {n} items")
+        span = window * size
+        spans = [sorted(used[s:s + span], key=lambda i: (lengths[i], i))
+                 for s in range(0, len(used), span)]
+        batches = [part[k:k + size] for part in spans for k in range(0, len(part), size)]
+        order = np.random.default_rng([seed, epoch, 1]).permutation(len(batches)).tolist()
+        used = [i for b in order for i in batches[b]]
+    return [used[k * size:(k + 1) * size][rank::world_size] for k in range(steps)]
 
 
 def rank_chunk(n: int, world_size: int, rank: int) -> range:

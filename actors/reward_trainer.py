@@ -22,10 +22,19 @@ from typing import TYPE_CHECKING
 
 import ray
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from actors.core.bradley_terry import PairMetrics, bradley_terry_loss, pair_metrics
+from actors.core.bradley_terry import PairMetrics, pair_metrics
+from actors.core.ensemble import (
+    bootstrap_bradley_terry_losses,
+    bootstrap_counts,
+    bootstrap_indices,
+    build_multi_head_reward_model,
+    combine,
+)
 from actors.core.hh import PreferencePair
-from actors.core.reward_model import build_reward_model, encode
+from actors.core.reward_model import build_reward_model, encode, join_text
+from actors.core.weight_transport import unpack_state
 from actors.dist import (
     deepspeed_config,
     epoch_batches,
@@ -77,6 +86,16 @@ class FitResult:
     history: tuple[dict[str, float], ...] = field(repr=False)
 
 
+def pair_lengths(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PreferencePair],
+                 max_length: int) -> list[int]:
+    """Per pair, the token length of its longer input (prompt + reply), capped at max_length:
+    the padded width the pair needs in a batch."""
+    texts = [join_text(tokenizer, p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)]
+    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False,
+                                            verbose=False)["input_ids"]]
+    return [min(max(counts[2 * i], counts[2 * i + 1]), max_length) for i in range(len(pairs))]
+
+
 @ray.remote(num_cpus=1)
 class RewardTrainer:
     """One rank. Call `setup` on all ranks of a group at once (they rendezvous)."""
@@ -94,12 +113,18 @@ class RewardTrainer:
         return ray.util.get_node_ip_address(), pick_free_port("")
 
     def setup(self, master_addr: str, master_port: int) -> int:
-        """Join the gloo group and build the engine; returns the trainable parameter count."""
+        """Join the process group and build the engine; returns the trainable parameter count.
+
+        gloo on CPU; NCCL when the actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES).
+        """
         import deepspeed  # heavy import (and a C++ op build): only in the actor process
 
         set_dist_env(self.rank, self.world_size, master_addr, master_port)
-        deepspeed.init_distributed(dist_backend="gloo")
-        model, self.tokenizer = build_reward_model(self.spec.name, self.seed)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        members = self.cfg.ensemble.members
+        model, self.tokenizer = (build_reward_model(self.spec.name, self.seed) if members == 1
+                                 else build_multi_head_reward_model(self.spec.name, members,
+                                                                    self.seed))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         config = deepspeed_config(self.cfg.micro_batch_size, self.cfg.zero_stage,
@@ -115,39 +140,68 @@ class RewardTrainer:
                 "threads": torch.get_num_threads()}
 
     def _rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """`(K, N)` member rewards (K = 1 for a single RM)."""
         tokens = encode(self.tokenizer, prompts, responses, self.spec.max_length)
-        return self.engine(tokens.input_ids, tokens.attention_mask)  # (N,)
+        device = self.engine.device
+        rewards = self.engine(tokens.input_ids.to(device), tokens.attention_mask.to(device))
+        return rewards.view(-1, len(prompts)).float()
 
-    def _step(self, batch: list[PreferencePair]) -> StepMetrics:
+    def _step(self, batch: list[PreferencePair], counts: torch.Tensor) -> StepMetrics:
+        """One update on this rank's micro-batch; `counts` `(K, B)` are the bootstrap counts
+        times label weights of its pairs."""
         prompts = [p.prompt for p in batch]
         rewards = self._rewards(prompts * 2, [p.chosen for p in batch]
-                                + [p.rejected for p in batch])  # (2B,) chosen then rejected
-        r_chosen, r_rejected = rewards.chunk(2)  # (B,), (B,)
-        margin = torch.tensor([p.margin for p in batch]) if self.cfg.margin else None
-        loss = bradley_terry_loss(r_chosen, r_rejected, margin, self.cfg.label_smoothing)
+                                + [p.rejected for p in batch])  # (K, 2B) chosen then rejected
+        r_chosen, r_rejected = rewards.chunk(2, dim=1)  # (K, B) each
+        margin = (torch.tensor([p.margin for p in batch], device=rewards.device)
+                  if self.cfg.margin else None)
+        counts = counts.to(rewards.device)
+        loss = bootstrap_bradley_terry_losses(r_chosen, r_rejected, counts, margin,
+                                              self.cfg.label_smoothing).sum()
         self.engine.backward(loss)
         self.engine.step()
-        # The step's numbers over the GLOBAL batch: gather every rank's rewards and margins.
-        local = torch.stack([r_chosen.detach(), r_rejected.detach(),
-                             margin if margin is not None else torch.zeros_like(r_chosen)], 1)
+        # The step's numbers over the GLOBAL batch: gather every rank's rewards, margins, counts.
+        zero = torch.zeros_like(r_chosen[:1])
+        local = torch.cat([r_chosen.detach(), r_rejected.detach(), counts.to(r_chosen.dtype),
+                           margin[None] if margin is not None else zero])  # (3K + 1, B)
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         torch.distributed.all_gather(gathered, local)
-        r_c, r_r, m = torch.cat(gathered).unbind(1)  # (W·B,) each
-        global_loss = bradley_terry_loss(r_c, r_r, m if self.cfg.margin else None,
-                                         self.cfg.label_smoothing)
-        return StepMetrics(loss=float(global_loss), pairs=pair_metrics(r_c, r_r))
+        k = r_chosen.shape[0]
+        r_c, r_r, c, m = torch.cat(gathered, dim=1).cpu().split([k, k, k, 1])  # (K, W·B) ×3
+        m = m[0]  # (W·B,)
+        global_loss = bootstrap_bradley_terry_losses(
+            r_c, r_r, c, m if self.cfg.margin else None, self.cfg.label_smoothing).sum()
+        how = self.cfg.ensemble
+        return StepMetrics(loss=float(global_loss),
+                           pairs=pair_metrics(combine(r_c, how.combine, how.k),
+                                              combine(r_r, how.combine, how.k)))
 
-    def fit(self, pairs: list[PreferencePair], epochs: int,
-            first_epoch: int = 0) -> list[StepMetrics]:
+    def _lengths(self, pairs: list[PreferencePair]) -> list[int] | None:
+        """Token lengths for length-grouped batches (None: grouping off)."""
+        if self.cfg.bucket_window < 2:
+            return None
+        return pair_lengths(self.tokenizer, pairs, self.spec.max_length)
+
+    def _pair_counts(self, pairs: list[PreferencePair], bootstrap_seed: int) -> torch.Tensor:
+        """`(K, n)`: how often member k drew pair i (all ones for K = 1) × each pair's weight."""
+        members, n = self.cfg.ensemble.members, len(pairs)
+        draws = (torch.ones(1, n) if members == 1
+                 else bootstrap_counts(bootstrap_indices(n, members, bootstrap_seed), n).float())
+        return draws * torch.tensor([p.weight for p in pairs])  # (K, n)
+
+    def fit(self, pairs: list[PreferencePair], epochs: int, first_epoch: int = 0,
+            bootstrap_seed: int = 0) -> list[StepMetrics]:
         """Train on this rank's shard of `pairs` for epochs first_epoch, first_epoch + 1, …"""
         self.engine.train()
         history: list[StepMetrics] = []
+        lengths, counts = self._lengths(pairs), self._pair_counts(pairs, bootstrap_seed)
         t0 = time.perf_counter()
         for epoch in range(first_epoch, first_epoch + epochs):
             batches = epoch_batches(len(pairs), self.world_size, self.rank,
-                                    self.cfg.micro_batch_size, self.seed, epoch)
+                                    self.cfg.micro_batch_size, self.seed, epoch, lengths,
+                                    self.cfg.bucket_window)
             for step, index in enumerate(batches, 1):
-                history.append(self._step([pairs[i] for i in index]))
+                history.append(self._step([pairs[i] for i in index], counts[:, index]))
                 if self.rank == 0 and step % max(1, len(batches) // 10) == 0:
                     # a plain line: Ray forwards it to the driver's terminal and the job log
                     print(f"rm epoch {epoch} step {step}/{len(batches)} loss "
@@ -155,9 +209,24 @@ class RewardTrainer:
                           flush=True)
         return history
 
+    def load_state(self, packed) -> None:
+        """Replace the model's weights (every rank gets the full state) and start a fresh
+        optimizer: what a warm start from the serving RM needs. `packed` is
+        `weight_transport.pack_state` output (the object store's zero-copy form)."""
+        import deepspeed
+
+        state = unpack_state(packed)
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            module.load_state_dict(state)
+        if hasattr(self.engine.optimizer, "refresh_fp32_params"):
+            self.engine.optimizer.refresh_fp32_params()  # ZeRO keeps fp32 master copies
+        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        base.state.clear()  # Adam moments and step counts restart, as in a fresh engine
+
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """Rewards of this rank's chunk of the items (see `rank_chunk`), `(len(chunk),)`.
+        """`(K, len(chunk))` member rewards of this rank's chunk of the items (`rank_chunk`).
 
         Every rank runs the same number of forward passes (short chunks are padded with item 0),
         which ZeRO-3 needs: each forward all-gathers the partitioned parameters.
@@ -168,9 +237,10 @@ class RewardTrainer:
         index = list(chunk) + [0] * (width - len(chunk))
         size = 2 * self.cfg.micro_batch_size
         out = [self._rewards([prompts[i] for i in index[s:s + size]],
-                             [responses[i] for i in index[s:s + size]])
+                             [responses[i] for i in index[s:s + size]]).cpu()
                for s in range(0, width, size)]
-        return torch.cat(out)[:len(chunk)].float() if out else torch.empty(0)
+        members = self.cfg.ensemble.members
+        return torch.cat(out, dim=1)[:, :len(chunk)] if out else torch.empty(members, 0)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Rank 0: the full model state (ZeRO-3 parameters gathered); other ranks: {}."""
@@ -220,17 +290,19 @@ class RewardTrainerGroup:
             raise
         return group
 
-    def fit(self, pairs: ray.ObjectRef | list[PreferencePair],
-            epochs: int | None = None) -> FitResult:
+    def fit(self, pairs: ray.ObjectRef | list[PreferencePair], epochs: int | None = None,
+            bootstrap_seed: int = 0) -> FitResult:
         """Train on the pairs for `epochs` (default `rm_cfg.epochs`) fresh shuffles.
 
         Each epoch takes len(pairs) // (W · micro_batch_size) steps (the incomplete last global
         batch is dropped); successive calls continue the epoch count, so shuffles never repeat.
+        Ensemble members (rm.ensemble.members > 1) train on bootstrap resamples of `pairs`
+        drawn with `bootstrap_seed`.
         """
         epochs = self.cfg.epochs if epochs is None else epochs
         pairs_ref = pairs if isinstance(pairs, ray.ObjectRef) else ray.put(list(pairs))
         start = time.perf_counter()
-        histories = ray.get([a.fit.remote(pairs_ref, epochs, self.epochs_done)
+        histories = ray.get([a.fit.remote(pairs_ref, epochs, self.epochs_done, bootstrap_seed)
                              for a in self.actors])
         seconds = time.perf_counter() - start
         self.epochs_done += epochs
@@ -242,14 +314,26 @@ class RewardTrainerGroup:
                          final_loss=history[-1]["rm/loss"] if history else float("nan"),
                          metrics=metrics, pairs_seen=seen, history=history)
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """Rewards `(N,)` float32 of N prompt/response pairs, split across the ranks."""
+    def load_state(self, packed: ray.ObjectRef) -> None:
+        """Warm start: every rank takes the weights of `packed` (an ObjectRef of
+        `weight_transport.pack_state` output, e.g. the serving RM's), a fresh optimizer and
+        epoch 0's shuffle — so what follows equals a new group started from those weights."""
+        ray.get([a.load_state.remote(packed) for a in self.actors])
+        self.epochs_done = 0  # a warm start is a new training run from those weights
+
+    def score_members(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """`(K, N)` float32 member rewards of N prompt/response pairs, split across the ranks."""
         prompts_ref, responses_ref = ray.put(list(prompts)), ray.put(list(responses))
         return torch.cat(ray.get([a.score.remote(prompts_ref, responses_ref)
-                                  for a in self.actors]))
+                                  for a in self.actors]), dim=1)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """`(N,)` float32 rewards: the members combined as rm.ensemble says (K = 1: the RM)."""
+        how = self.cfg.ensemble
+        return combine(self.score_members(prompts, responses), how.combine, how.k)
 
     def evaluate(self, pairs: Sequence[PreferencePair]) -> PairMetrics:
-        """Accuracy, mean margin and ECE of the current model on `pairs`."""
+        """Accuracy, mean margin and ECE of the current (combined) model on `pairs`."""
         prompts = [p.prompt for p in pairs]
         rewards = self.score(prompts * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])
         r_chosen, r_rejected = rewards.chunk(2)  # (N,), (N,)

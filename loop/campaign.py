@@ -17,7 +17,7 @@ from pathlib import Path
 from actors.core.metrics import JsonlSink
 from loop.config import Config
 from loop.ray_env import connect
-from loop.rm_refresh import refresh_rm
+from loop.rm_refresh import RMService
 from loop.run_dir import prepare_run_dir
 from loop.seed import load_seed_pairs, resolve_pairs_path, seed_pairs
 from storage.db import resolve_url
@@ -72,16 +72,18 @@ def run_campaign(cfg: Config, config_path: Path, resume: Path | None = None) -> 
         snap = ledger.snapshot(name)
         say(f"ledger snapshot: {len(snap.rows)} preferences at watermark {snap.watermark}, "
             f"sha256 {snap.sha256[:16]}…")
-        if ledger.model_versions(name, "rm"):
-            say("the first RM exists already (resumed campaign): not retrained")
-        elif snap.rows:
-            with timed(metrics, "rm_refresh"):
-                rm = refresh_rm(cfg, ledger, snap, run_dir, version=1, say=say)
-            ledger.set_model_status(name, "rm", rm.version, "promoted",
-                                    reason="first RM version: no incumbent to beat")
-            metrics.update(rm.metrics)
-        else:
-            say("the ledger holds no preferences: no RM to train (set rm.seed_pairs)")
+        rm = RMService(cfg, ledger, run_dir, say)
+        try:
+            if rm.restore_serving() is not None:
+                say("the first RM exists already (resumed campaign): not retrained")
+            elif snap.rows:
+                with timed(metrics, "rm_refresh"):
+                    first = rm.refresh(snap, version=1)
+                metrics.update(first.metrics)
+            else:
+                say("the ledger holds no preferences: no RM to train (set rm.seed_pairs)")
+        finally:
+            rm.shutdown()
         sink.log(metrics, step=0)
         ledger.log_metrics(name, 0, metrics)
     finally:

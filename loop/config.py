@@ -179,10 +179,25 @@ class RMConfig(Section):
     """Refresh the RM every k iterations ..."""
     refresh_min_labels: NonNegInt = 0
     """... or as soon as this many fresh labels exist (0: only the schedule)."""
-    replay_fraction: Probability = 0.5
-    """Share of each refresh's training set drawn from older labels."""
-    promotion_min_accuracy_gain: float = 0.0
-    """A candidate RM is promoted only if its fresh-pair accuracy beats the current one by this."""
+    replay_fraction: Annotated[float, Field(ge=0.0, le=0.95)] = 0.5
+    """Share of each refresh's training set drawn from older labels (the replay); the rest are
+    the labels that arrived since the serving RM's snapshot."""
+    replay_window: PositiveInt = 4096
+    """The replay is drawn from at most this many of the most recent older labels."""
+    fresh_eval_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.2
+    """Share of the fresh labels (chosen by comparison id) held out of training to judge the
+    candidate RM against the serving one."""
+    promotion_tolerance: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """The promotion gate serves a candidate unless its accuracy on the held-out fresh pairs is
+    below the serving RM's by more than this."""
+    promotion_min_pairs: PositiveInt = 16
+    """With fewer held-out fresh pairs than this, the gate compares on rm.eval_pairs (the fixed
+    reference set) instead."""
+    human_label_weight: PositiveFloat = 1.0
+    """Weight of a human label relative to an AI label in the Bradley–Terry loss."""
+    bucket_window: NonNegInt = 32
+    """Length grouping: global batches per length-sorted span, so batches pad little
+    (0 or 1: plain random batches)."""
     ensemble: EnsembleConfig = EnsembleConfig()
     """Ensemble settings."""
 

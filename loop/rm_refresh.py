@@ -1,53 +1,95 @@
-"""RM refresh: train a reward model on a ledger snapshot, evaluate it, register it.
+"""The campaign's reward model: one long-lived DeepSpeed group, refreshes, the promotion gate.
 
-The training set is exactly `ledger.snapshot(...)` at a watermark, and the RM version row stores
-that watermark and the snapshot's sha256, so "what did RM vM train on" is a ledger query that
-rebuilds the same rows with the same hash.
+    rm = RMService(cfg, ledger, run_dir, say)
+    first = rm.refresh(ledger.snapshot(name), version=1)   # trains on the seed pairs
+    ...                                                    # labels of the current policy arrive
+    later = rm.refresh(ledger.snapshot(name), version=2)   # warm start, fresh + replay, gate
+    rm.serving.weights                                     # ObjectRef for the PPO trainer
+    rm.shutdown()
+
+Every refresh trains on `ledger.snapshot(watermark)` split by `actors.core.refresh_split`:
+the labels since the serving RM's snapshot (fresh) plus a bounded replay of older ones, minus a
+stable held-out share of fresh comparisons that no RM ever trains on. The candidate starts from
+the serving RM's weights (a warm start with a fresh optimizer), is judged against the serving RM
+on the held-out fresh pairs (or, with too few of them, on the fixed reference set rm.eval_pairs),
+and is served only if it is not worse. Promoted or rejected, its weights go to the weight store
+and its row — with the snapshot's watermark and hash, its parent, the split and the verdict —
+to the ledger, so "what did RM vM train on" is a ledger query.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from actors.core.bradley_terry import PairMetrics
+from actors.core.ensemble import load_reward_model
 from actors.core.hh import PreferencePair, load_hh_jsonl
-from actors.reward_trainer import RewardTrainerGroup
+from actors.core.refresh_split import GateDecision, promotion_gate, split_refresh
+from actors.core.weight_transport import pack_state
+from actors.reward_trainer import FitResult, RewardTrainerGroup
 from loop.config import Config
 from loop.seed import resolve_pairs_path
 from storage.errors import VersionExists
 from storage.ledger import Ledger
-from storage.records import Snapshot
-from storage.weights import WeightStore, WeightVersion, open_weight_store
+from storage.records import Snapshot, SnapshotRow
+from storage.weights import LocalWeightStore, WeightStore, WeightVersion, open_weight_store
 
 WEIGHTS_ENV = "PREFLOOP_WEIGHTS_URI"
 
 
 @dataclass(frozen=True)
+class ServingRM:
+    """The RM the policy is optimized against.
+
+    Attributes:
+        version: Its version.
+        watermark: Watermark of the snapshot it trained on (labels after it are fresh).
+        weights: ObjectRef of its `pack_state` weights (the hot path to PPO and to warm starts).
+    """
+
+    version: int
+    watermark: int
+    weights: ray.ObjectRef
+
+
+@dataclass(frozen=True)
 class RMRefresh:
-    """One trained and registered RM version."""
+    """One trained, published and registered RM version and the gate's verdict."""
 
     version: int
     pairs: int
     ties_skipped: int
     weight_uri: str
+    promoted: bool
+    reason: str
     metrics: dict[str, float]
 
 
+def row_pair(row: SnapshotRow, human_weight: float) -> PreferencePair | None:
+    """The Bradley–Terry pair of a snapshot row (winner first), None for a tie."""
+    if row.choice == "tie":
+        return None
+    chosen, rejected = (row.text_a, row.text_b) if row.choice == "a" else (row.text_b, row.text_a)
+    return PreferencePair(row.prompt, chosen, rejected, margin=row.strength or 0.0,
+                          weight=human_weight if row.labeler_kind == "human" else 1.0)
+
+
+def rows_to_pairs(rows: Sequence[SnapshotRow], human_weight: float = 1.0
+                  ) -> tuple[list[PreferencePair], int]:
+    """Pairs of the rows and the number of ties left out."""
+    pairs = [p for p in (row_pair(r, human_weight) for r in rows) if p is not None]
+    return pairs, len(rows) - len(pairs)
+
+
 def snapshot_pairs(snap: Snapshot) -> tuple[list[PreferencePair], int]:
-    """Bradley–Terry pairs of a snapshot (winner first) and the number of ties left out."""
-    pairs = []
-    for row in snap.rows:
-        if row.choice == "tie":
-            continue
-        chosen, rejected = (row.text_a, row.text_b) if row.choice == "a" else (row.text_b,
-                                                                              row.text_a)
-        pairs.append(PreferencePair(row.prompt, chosen, rejected, margin=row.strength or 0.0))
-    return pairs, len(snap.rows) - len(pairs)
+    """Bradley–Terry pairs of a whole snapshot (winner first) and the number of ties."""
+    return rows_to_pairs(snap.rows)
 
 
 def weights_location(cfg: Config, run_dir: Path) -> str:
@@ -55,37 +97,137 @@ def weights_location(cfg: Config, run_dir: Path) -> str:
     return cfg.storage.weights_uri or os.environ.get(WEIGHTS_ENV) or str(run_dir / "weights")
 
 
-def refresh_rm(cfg: Config, ledger: Ledger, snap: Snapshot, run_dir: Path, version: int,
-               say: Callable[[str], None]) -> RMRefresh:
-    """Train RM `version` on `snap` under DeepSpeed, evaluate, publish, record it with the
-    snapshot's watermark and hash."""
-    name = cfg.campaign.name
-    pairs, ties = snapshot_pairs(snap)
-    say(f"RM v{version}: training {cfg.models.reward.name} on {len(pairs)} pairs "
-        f"(snapshot watermark {snap.watermark}) with {cfg.rm.trainers} DeepSpeed ZeRO-"
-        f"{cfg.rm.zero_stage} rank(s), {cfg.rm.epochs} epoch(s)")
-    group = RewardTrainerGroup.launch(cfg.rm.trainers, cfg.models.reward, cfg.rm,
-                                      cfg.campaign.seed, num_cpus=cfg.resources.cpus_per_actor)
-    try:
-        fit = group.fit(ray.put(pairs))
-        metrics = {**fit.metrics, "rm/train_pairs": float(len(pairs)), "rm/steps": fit.steps}
-        say(f"RM v{version}: {fit.steps} steps, loss {fit.history[0]['rm/loss']:.4f} → "
-            f"{fit.final_loss:.4f}, {fit.metrics['rm/pairs_per_s']:.1f} pairs/s")
-        if cfg.rm.eval_pairs:
-            held = evaluate_held_out(group, cfg)
-            metrics.update({"rm/eval_accuracy": held.accuracy, "rm/eval_ece": held.ece,
-                            "rm/eval_mean_margin": held.mean_margin})
-            say(f"RM v{version}: held-out accuracy {held.accuracy:.3f} (ECE {held.ece:.3f}) "
-                f"on {cfg.rm.eval_pairs}")
-        store = open_weight_store(weights_location(cfg, run_dir))
-        published = publish_new_version(store, version, lambda d: group.save(d), say)
+class RMService:
+    """Owns the RM trainer group for the whole campaign and the serving RM."""
+
+    def __init__(self, cfg: Config, ledger: Ledger, run_dir: Path,
+                 say: Callable[[str], None]):
+        self.cfg, self.ledger, self.say = cfg, ledger, say
+        self.name = cfg.campaign.name
+        self.store = open_weight_store(weights_location(cfg, run_dir))
+        self.group: RewardTrainerGroup | None = None
+        self.serving: ServingRM | None = None
+        self._reference: list[PreferencePair] | None = None
+
+    def _group(self) -> RewardTrainerGroup:
+        if self.group is None:
+            cfg = self.cfg
+            self.say(f"starting {cfg.rm.trainers} RM trainer rank(s): {cfg.models.reward.name}, "
+                     f"DeepSpeed ZeRO-{cfg.rm.zero_stage}, {cfg.rm.ensemble.members} member(s)")
+            self.group = RewardTrainerGroup.launch(
+                cfg.rm.trainers, cfg.models.reward, cfg.rm, cfg.campaign.seed,
+                num_cpus=cfg.resources.cpus_per_actor)
+        return self.group
+
+    def reference_pairs(self) -> list[PreferencePair]:
+        """The fixed reference set (rm.eval_pairs; never trained on), loaded once."""
+        if self._reference is None:
+            self._reference = []
+            if self.cfg.rm.eval_pairs:
+                path = resolve_pairs_path(self.cfg.rm.eval_pairs, "rm.eval_pairs")
+                self._reference = load_hh_jsonl(path, limit=self.cfg.rm.eval_max_pairs)
+        return self._reference
+
+    def restore_serving(self) -> ServingRM | None:
+        """After a restart: the ledger's latest promoted RM, its weights read back from the
+        weight store into the object store (None when no RM was promoted yet)."""
+        found = self.ledger.latest_model_version(self.name, "rm")
+        if found is None:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            model = load_reward_model(local_copy(self.store, found.version, Path(tmp)))
+            weights = ray.put(pack_state(model.state_dict()))
+        assert found.snapshot is not None, "the schema requires a snapshot on every rm version"
+        self.serving = ServingRM(found.version, found.snapshot.watermark, weights)
+        self.say(f"serving RM v{found.version} restored from {found.weight_uri}")
+        return self.serving
+
+    def refresh(self, snap: Snapshot, version: int) -> RMRefresh:
+        """Train candidate RM `version` on `snap`, gate it, publish and record it."""
+        rm, serving = self.cfg.rm, self.serving
+        base = self._base_watermark(snap)
+        split = split_refresh(snap.rows, serving.watermark if serving else 0, base,
+                              rm.replay_fraction, rm.replay_window, rm.fresh_eval_fraction,
+                              self.cfg.campaign.seed, version)
+        pairs, ties = rows_to_pairs([snap.rows[i] for i in split.train], rm.human_label_weight)
+        fresh_eval, _ = rows_to_pairs([snap.rows[i] for i in split.fresh_eval])
+        gate_set, gate_name = ((fresh_eval, "fresh") if len(fresh_eval) >= rm.promotion_min_pairs
+                               else (self.reference_pairs(), "reference"))
+        group = self._group()
+        before = None
+        if serving is not None:
+            group.load_state(serving.weights)
+            before = group.evaluate(gate_set) if gate_set else None
+        start = f"warm start from v{serving.version}" if serving else "pretrained backbone"
+        self.say(f"RM v{version}: training on {len(pairs)} pairs ({split.fresh} fresh, "
+                 f"{split.replay} replayed, {ties} ties left out; snapshot watermark "
+                 f"{snap.watermark}; {start})")
+        fit = self._train_candidate(group, pairs, version)
+        after = group.evaluate(gate_set) if gate_set else None
+        if after is not None:
+            was = f", serving v{serving.version}: {before.accuracy:.3f}" if before else ""
+            self.say(f"RM v{version}: {gate_name}-pair accuracy {after.accuracy:.3f} (ECE "
+                     f"{after.ece:.3f}, {after.n} pairs{was})")
+        decision = promotion_gate(after, before, rm.promotion_tolerance, gate_name)
+        metrics = self._metrics({**fit.metrics, "rm/steps": float(fit.steps)}, split,
+                                len(pairs), after, before, gate_name)
+        published = publish_new_version(self.store, version, group.save, self.say)
         version = published.version
-    finally:
-        group.shutdown()
-    ledger.record_model_version(name, "rm", version, snapshot=snap.ref, metrics=metrics,
-                                weight_uri=published.uri)
-    say(f"RM v{version}: published to {published.uri}")
-    return RMRefresh(version, len(pairs), ties, published.uri, metrics)
+        self.ledger.record_model_version(
+            self.name, "rm", version, snapshot=snap.ref, metrics=metrics,
+            parent_version=serving.version if serving else None, weight_uri=published.uri)
+        self._settle(version, snap.watermark, decision)
+        return RMRefresh(version, len(pairs), ties, published.uri, decision.promote,
+                         decision.reason, metrics)
+
+    def _train_candidate(self, group: RewardTrainerGroup, pairs: list[PreferencePair],
+                         version: int) -> FitResult:
+        """Fit the group (holding the warm-start weights) on the refresh's pairs."""
+        if not pairs:
+            raise ValueError(f"RM v{version}: the refresh has no pairs to train on (all ties?)")
+        return group.fit(ray.put(pairs), bootstrap_seed=self.cfg.campaign.seed * 10007 + version)
+
+    def _base_watermark(self, snap: Snapshot) -> int:
+        """Watermark of the first RM's snapshot (labels after it may be held out)."""
+        versions = self.ledger.model_versions(self.name, "rm")
+        first = versions[0].snapshot if versions else None
+        return first.watermark if first is not None else snap.watermark
+
+    def _metrics(self, fit: dict[str, float], split, pairs: int, after: PairMetrics | None,
+                 before: PairMetrics | None, gate_name: str) -> dict[str, float]:
+        metrics = {**fit, "rm/train_pairs": float(pairs), "rm/train_fresh": float(split.fresh),
+                   "rm/train_replay": float(split.replay),
+                   "rm/fresh_eval_pairs": float(len(split.fresh_eval))}
+        if after is not None:
+            metrics[f"rm/{gate_name}_accuracy"] = after.accuracy
+            metrics[f"rm/{gate_name}_ece"] = after.ece
+        if before is not None:
+            metrics[f"rm/{gate_name}_accuracy_serving"] = before.accuracy
+        if self.reference_pairs() and gate_name != "reference":
+            held = self.group.evaluate(self.reference_pairs())
+            metrics.update({"rm/reference_accuracy": held.accuracy, "rm/reference_ece": held.ece})
+        return metrics
+
+    def _settle(self, version: int, watermark: int, decision: GateDecision) -> None:
+        status = "promoted" if decision.promote else "rejected"
+        self.ledger.set_model_status(self.name, "rm", version, status, reason=decision.reason)
+        self.say(f"RM v{version} {status}: {decision.reason}")
+        if decision.promote:
+            state = self.group.state_dict()
+            self.serving = ServingRM(version, watermark, ray.put(pack_state(state)))
+
+    def shutdown(self) -> None:
+        """Stop the trainer group (idempotent)."""
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
+
+
+def local_copy(store: WeightStore, version: int, scratch: Path) -> Path:
+    """A local directory holding RM `version` (the store's own for a local store)."""
+    if isinstance(store, LocalWeightStore):
+        return store.path("rm", version)
+    return store.fetch("rm", version, scratch / f"rm-v{version}")
 
 
 def publish_new_version(store: WeightStore, version: int, write: Callable[[Path], object],
@@ -103,9 +245,3 @@ def publish_new_version(store: WeightStore, version: int, write: Callable[[Path]
         except VersionExists:
             say(f"weight store already holds rm v{candidate} (an interrupted publish): skipping")
     raise VersionExists(f"rm: no free version in v{start}..v{start + 9}")
-
-
-def evaluate_held_out(group: RewardTrainerGroup, cfg: Config) -> PairMetrics:
-    """Pairwise accuracy / ECE on the held-out pairs (never trained on)."""
-    path = resolve_pairs_path(cfg.rm.eval_pairs, "rm.eval_pairs")
-    return group.evaluate(load_hh_jsonl(path, limit=cfg.rm.eval_max_pairs))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -37,7 +38,14 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from actors.core.backbones import Kind
-from actors.core.reward_model import Pooling, build_reward_model, pool_index
+from actors.core.reward_model import (
+    Pooling,
+    RewardModel,
+    build_reward_model,
+    load_parts,
+    pool_index,
+    save_parts,
+)
 
 Combine = Literal["mean", "min", "mean_minus_std"]
 
@@ -226,6 +234,26 @@ class MultiHeadRewardModel(nn.Module):
         """Training loss: Σ_k of `bootstrap_bradley_terry_losses` (see there for the shapes)."""
         return bootstrap_bradley_terry_losses(r_chosen, r_rejected, counts, margin,
                                               label_smoothing).sum()
+
+
+    def save(self, directory: str | Path,
+             tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """Write the `RewardModel.save` layout with a `(K, H)` head (`load_reward_model` reads
+        it)."""
+        save_parts(directory, self.backbone, self.heads, self.kind, self.pooling, tokenizer)
+
+
+def load_reward_model(directory: str | Path) -> RewardModel | MultiHeadRewardModel:
+    """Load a saved single RM (`RewardModel`, `(B,)` rewards) or K-head ensemble
+    (`MultiHeadRewardModel`, `(K, B)` rewards), as the directory says."""
+    backbone, head, meta = load_parts(directory)
+    members = head["weight"].shape[0]
+    if members == 1:
+        return RewardModel.load(directory)
+    model = MultiHeadRewardModel(backbone, meta["kind"], members).to(backbone.dtype)
+    model.pooling = meta["pooling"]
+    model.heads.load_state_dict(head)
+    return model.eval()
 
 
 def build_multi_head_reward_model(

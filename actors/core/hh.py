@@ -41,12 +41,14 @@ class PreferencePair:
         chosen: The preferred reply (stripped).
         rejected: The other reply (stripped).
         margin: Label strength, used as the Bradley–Terry margin when margins are on (HH: 0).
+        weight: Weight of the pair in the loss (e.g. human labels above AI labels).
     """
 
     prompt: str
     chosen: str
     rejected: str
     margin: float = 0.0
+    weight: float = 1.0
 
 
 def _common_prefix_length(a: str, b: str) -> int:

@@ -109,32 +109,49 @@ class RewardModel(nn.Module):
     def save(self, directory: str | Path,
              tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Write `backbone/` (save_pretrained, + tokenizer), `head.safetensors` and metadata."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out / BACKBONE_DIR)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out / BACKBONE_DIR)
-        head = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        save_file(head, out / HEAD_FILE)
-        meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "pooling": self.pooling,
-                "dtype": str(self.head.weight.dtype).removeprefix("torch.")}
-        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        save_parts(directory, self.backbone, self.head, self.kind, self.pooling, tokenizer)
 
     @classmethod
     def load(cls, directory: str | Path) -> RewardModel:
         """Load what `save` wrote (in the dtype it was saved in)."""
-        src = Path(directory)
-        if not (src / META_FILE).is_file():
-            raise FileNotFoundError(f"{src / META_FILE} is missing: not a saved RewardModel")
-        meta = json.loads((src / META_FILE).read_text(encoding="utf-8"))
-        dtype = getattr(torch, meta["dtype"])
-        backbone = AutoModel.from_pretrained(src / BACKBONE_DIR, dtype=dtype)
-        freeze_pooler(backbone)
-        disable_dropout(backbone)
-        model = cls(backbone, meta["kind"]).to(dtype)
+        backbone, head, meta = load_parts(directory)
+        if head["weight"].shape[0] != 1:
+            raise ValueError(f"{directory} holds a {head['weight'].shape[0]}-member ensemble: "
+                             "load it with actors.core.ensemble.load_reward_model")
+        model = cls(backbone, meta["kind"]).to(backbone.dtype)
         model.pooling = meta["pooling"]
-        model.head.load_state_dict(load_file(src / HEAD_FILE))
+        model.head.load_state_dict(head)
         return model.eval()
+
+
+def save_parts(directory: str | Path, backbone: PreTrainedModel, head: nn.Linear, kind: Kind,
+               pooling: Pooling, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    """The on-disk layout of every reward model: `backbone/` (save_pretrained, + tokenizer),
+    `head.safetensors` (the `(K, H)` head weight; K = 1 for a single RM) and `reward_model.json`."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone.save_pretrained(out / BACKBONE_DIR)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out / BACKBONE_DIR)
+    weights = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(weights, out / HEAD_FILE)
+    meta = {"format_version": FORMAT_VERSION, "kind": kind, "pooling": pooling,
+            "members": head.out_features,
+            "dtype": str(head.weight.dtype).removeprefix("torch.")}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def load_parts(directory: str | Path) -> tuple[PreTrainedModel, dict[str, torch.Tensor], dict]:
+    """Backbone (pooler frozen, dropout off, in the saved dtype), head tensors and metadata of
+    a directory `save_parts` wrote."""
+    src = Path(directory)
+    if not (src / META_FILE).is_file():
+        raise FileNotFoundError(f"{src / META_FILE} is missing: not a saved RewardModel")
+    meta = json.loads((src / META_FILE).read_text(encoding="utf-8"))
+    backbone = AutoModel.from_pretrained(src / BACKBONE_DIR, dtype=getattr(torch, meta["dtype"]))
+    freeze_pooler(backbone)
+    disable_dropout(backbone)
+    return backbone, load_file(src / HEAD_FILE), meta
 
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:

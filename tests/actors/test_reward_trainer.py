@@ -26,9 +26,11 @@ import torch
 
 from actors.core.backbones import TINY_BERT
 from actors.core.bradley_terry import bradley_terry_loss
+from actors.core.ensemble import MultiHeadRewardModel, load_reward_model
 from actors.core.hh import load_hh_jsonl
 from actors.core.metrics import check_keys
 from actors.core.reward_model import RewardModel, encode, load_tokenizer
+from actors.core.weight_transport import pack_state
 from actors.dist import epoch_batches, epoch_permutation, rank_chunk
 from actors.reward_trainer import FitResult, RewardTrainerGroup
 from loop.config import ModelSpec, RMConfig
@@ -109,6 +111,28 @@ def test_epoch_batches_give_the_same_global_batches_for_any_world_size():
     assert [len(rank_chunk(1, 3, r)) for r in range(3)] == [1, 0, 0]
 
 
+def test_length_grouped_batches_pad_less_and_keep_the_invariants():
+    n, seed, lengths = 96, 3, [(i * 37) % 101 + 5 for i in range(96)]
+    one = epoch_batches(n, 1, 0, micro_batch=4, seed=seed, epoch=0, lengths=lengths, window=8)
+    two = [epoch_batches(n, 2, r, micro_batch=2, seed=seed, epoch=0, lengths=lengths, window=8)
+           for r in range(2)]
+    assert len(one) == 24 and sorted(i for b in one for i in b) == list(range(n))
+    for step, batch in enumerate(one):  # the same global batches for any world size
+        assert batch[0::2] == two[0][step] and batch[1::2] == two[1][step]
+    plain = epoch_batches(n, 1, 0, micro_batch=4, seed=seed, epoch=0)
+
+    def padding(batches):  # padded tokens when each batch pads to its longest item
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
+                   for b in batches)
+
+    assert padding(one) < 0.25 * padding(plain)
+    maxima = [max(lengths[i] for i in b) for b in one]
+    assert maxima != sorted(maxima)
+    again = epoch_batches(n, 1, 0, micro_batch=4, seed=seed, epoch=0, lengths=lengths, window=8)
+    later = epoch_batches(n, 1, 0, micro_batch=4, seed=seed, epoch=1, lengths=lengths, window=8)
+    assert again == one and later != one
+
+
 def test_one_trainer_learns_real_hh_pairs(launch, pairs):
     group = launch(1, zero_stage=2, lr=1e-3, micro_batch_size=8)
     before = bt_loss_on(group, pairs)
@@ -157,3 +181,45 @@ def test_save_load_gives_the_same_scores(launch, pairs, tmp_path):
     assert scores.shape == (5,)
     torch.testing.assert_close(local, scores, rtol=1e-5, atol=1e-5)
     assert scores.std() > 1e-3  # the scores are not all alike
+
+
+@pytest.mark.parametrize(("world_size", "stage"), [(1, 2), (2, 3)])
+def test_warm_start_equals_a_new_group_started_from_those_weights(launch, pairs, world_size,
+                                                                  stage):
+    import ray
+
+    cfg = {"zero_stage": stage, "lr": 1e-3, "micro_batch_size": 8 // world_size}
+    first = launch(world_size, **cfg)
+    first.fit(pairs[:16], epochs=1)
+    serving = first.state_dict()
+    packed = ray.put(pack_state(serving))
+    first.fit(pairs[16:32], epochs=1)  # moves the weights and the Adam moments on
+    first.load_state(packed)
+    assert all(torch.equal(v, serving[k]) for k, v in first.state_dict().items())
+    warm = (first.fit(pairs[32:64], epochs=1), None, first.state_dict())
+    first.shutdown()
+    fresh = launch(world_size, **cfg)
+    fresh.load_state(packed)
+    cold = (fresh.fit(pairs[32:64], epochs=1), None, fresh.state_dict())
+    fresh.shutdown()
+    assert_same_training((warm[0], serving, warm[2]), (cold[0], serving, cold[2]))
+
+
+def test_an_ensemble_trains_k_heads_on_bootstrap_resamples(launch, pairs, tmp_path):
+    group = launch(1, zero_stage=2, lr=1e-3, micro_batch_size=8,
+                   ensemble={"members": 3, "combine": "min"})
+    result = group.fit(pairs, epochs=2, bootstrap_seed=4)
+    sample = pairs[:6]
+    prompts, responses = [p.prompt for p in sample], [p.chosen for p in sample]
+    members = group.score_members(prompts, responses)
+    assert members.shape == (3, 6) and result.steps == 16
+    assert (members[0] - members[1]).abs().max() > 1e-3  # members differ
+    torch.testing.assert_close(group.score(prompts, responses), members.min(dim=0).values)
+    assert group.evaluate(pairs).accuracy >= 0.8  # the combined ensemble learned the pairs
+    group.save(tmp_path / "ens")
+    loaded = load_reward_model(tmp_path / "ens")
+    assert isinstance(loaded, MultiHeadRewardModel) and loaded.members == 3
+    batch = encode(load_tokenizer(tmp_path / "ens"), prompts, responses, SPEC.max_length)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch.input_ids, batch.attention_mask), members,
+                                   rtol=1e-5, atol=1e-5)

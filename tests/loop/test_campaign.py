@@ -61,8 +61,10 @@ def test_run_trains_and_registers_rm_v1(tiny_run):
     assert rm.weight_uri == str(run_dir / "weights/rm/v1")
     assert (run_dir / "weights/rm/v1/COMPLETE").is_file()
     assert rm.metrics["rm/train_pairs"] == 64 and rm.metrics["rm/steps"] == 16  # 64 / batch 4
-    assert 0.0 <= rm.metrics["rm/eval_accuracy"] <= 1.0
-    assert f"held-out accuracy {rm.metrics['rm/eval_accuracy']:.3f}" in out
+    assert 0.0 <= rm.metrics["rm/reference_accuracy"] <= 1.0
+    assert f"reference-pair accuracy {rm.metrics['rm/reference_accuracy']:.3f}" in out
+    assert "RM v1 promoted: no serving RM to compare with" in out
+    assert rm.parent_version is None and rm.metrics["rm/train_fresh"] == 64
     from actors.core.reward_model import RewardModel
 
     model = RewardModel.load(run_dir / "weights/rm/v1")

@@ -23,11 +23,12 @@ from actors.core.ensemble import (
     combine,
     disagreement,
     ensemble_scores,
+    load_reward_model,
     pair_disagreement,
     score_members,
 )
 from actors.core.hh import load_hh_jsonl
-from actors.core.reward_model import build_reward_model, encode
+from actors.core.reward_model import RewardModel, build_reward_model, encode
 
 
 def t64(rows) -> torch.Tensor:
@@ -217,6 +218,26 @@ def test_multi_head_shapes_heads_and_agreement_with_single_models(hh_batches):
             singles.append(score_members([single], ids, mask)[0])  # (B,)
     assert scores.shape == (3, 5) and scores.dtype == torch.float32
     torch.testing.assert_close(scores, torch.stack(singles), rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_round_trip_of_single_and_multi_head_models(hh_batches, tmp_path):
+    _, chosen, _ = hh_batches
+    ids, mask = chosen.input_ids[:4], chosen.attention_mask[:4]
+    multi, tok = build_multi_head_reward_model("tiny-bert", members=3, seed=1)
+    single, _ = build_reward_model("tiny-bert", seed=1)
+    multi.save(tmp_path / "multi", tok)
+    single.save(tmp_path / "single", tok)
+    loaded_multi = load_reward_model(tmp_path / "multi")
+    loaded_single = load_reward_model(tmp_path / "single")
+    assert isinstance(loaded_multi, MultiHeadRewardModel) and loaded_multi.members == 3
+    assert type(loaded_single) is RewardModel
+    with torch.no_grad():
+        torch.testing.assert_close(loaded_multi(ids, mask), multi.eval()(ids, mask),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(loaded_single(ids, mask), single.eval()(ids, mask),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="3-member ensemble"):
+        RewardModel.load(tmp_path / "multi")
 
 
 def test_training_a_few_steps_lowers_every_members_loss(hh_batches):

@@ -169,7 +169,7 @@ def test_save_load_round_trip(tiny, tmp_path):
     model.save(tmp_path / "rm", tok)
     meta = json.loads((tmp_path / "rm" / "reward_model.json").read_text())
     assert meta == {"format_version": 1, "kind": "encoder", "pooling": "first",
-                    "dtype": "float32"}
+                    "members": 1, "dtype": "float32"}
     loaded = RewardModel.load(tmp_path / "rm")
     assert loaded.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
