@@ -20,6 +20,10 @@ wrong types, NaN refused); each token has a token bucket (429 with Retry-After).
 unpickled, evaluated or fetched: bodies are JSON with ints and short strings. Every label,
 skip and import call is audited (`ledger.audit`) with the sha256 of its body.
 
+The pieces: `label_schemas` (settings, request bodies, the error body), `label_gate` (bind
+check, Host/Origin allowlist, body cap, security headers, rate limiter), `label_service` (what
+each route does); this module wires them into a FastAPI app.
+
 Example:
     >>> app = create_app(Ledger.open("sqlite:///run/ledger.sqlite"), "demo", LabelSettings())
     ... # doctest: +SKIP
@@ -27,446 +31,25 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
-import math
-import re
-import threading
-import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from storage.errors import DuplicateLabel, IdempotencyConflict, LeaseLost, LedgerError, UnknownId
+from actors.label_gate import LOOPBACK_NAMES, Gate, UnsafeBind, check_bind, host_name
+from actors.label_schemas import ApiError, LabelSettings, error_response
+from actors.label_service import LabelService
+from storage.errors import LedgerError
 from storage.ledger import Ledger
-from storage.models import utcnow
-from storage.records import Annotator, Claim, NewPreference
+from storage.records import Annotator
+
+__all__ = ["LabelSettings", "UnsafeBind", "create_app"]  # what callers of create_app need
 
 STATIC = Path(__file__).resolve().parent / "static"
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-SECURITY_HEADERS = {
-    "content-security-policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "x-content-type-options": "nosniff",
-    "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
-    "cache-control": "no-store",
-}
-_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-M = TypeVar("M", bound=BaseModel)
-
-
-@dataclass(frozen=True)
-class LabelSettings:
-    """How the label service binds, whom it serves and how fast."""
-
-    host: str = "127.0.0.1"
-    """Interface to bind; anything but loopback needs at least one live annotator token."""
-    port: int = 8765
-    """TCP port (0: any free port)."""
-    allowed_hosts: tuple[str, ...] = ()
-    """Host-header names served besides the loopback names and `host` (e.g. a DNS name)."""
-    allowed_origins: tuple[str, ...] = ()
-    """Origins (`https://name[:port]`) allowed besides the page's own."""
-    lease_s: float = 300.0
-    """Lease on a comparison shown to an annotator; it returns to the queue after this."""
-    rate_per_s: float = 5.0
-    """Sustained requests per second per token."""
-    burst: int = 30
-    """Requests a token may make at once before the rate applies."""
-    max_body_bytes: int = 65_536
-    """Largest request body (413 beyond)."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65_535:
-            raise ValueError(f"label server: port must be 0..65535; got {self.port}")
-        for name in ("lease_s", "rate_per_s", "burst", "max_body_bytes"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"label server: {name} must be > 0; got {value!r}")
-
-
-class UnsafeBind(ValueError):
-    """A non-loopback bind was asked for while no annotator token is live."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for `localhost` and loopback IP literals (`127.0.0.0/8`, `::1`)."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, ledger: Ledger) -> None:
-    """Refuse to serve beyond loopback while the ledger holds no live annotator token.
-
-    Raises:
-        UnsafeBind: ``host`` is not loopback and every annotator is revoked (or none exists).
-    """
-    if is_loopback(host):
-        return
-    if not any(a.revoked_at is None for a in ledger.list_annotators()):
-        raise UnsafeBind(
-            f"refusing to bind the label service to {host!r}: it is not a loopback address and "
-            "the ledger has no live annotator token, so anyone who can reach it could label. "
-            "Create one with `prefloop annotators add NAME`, or bind 127.0.0.1"
-        )
-
-
-# -- request schemas ------------------------------------------------------------------------
-
-STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
-"""Request models: unknown keys, coerced types (`"1"` for 1, `true` for 1) and NaN refused."""
-ComparisonId = Annotated[int, Field(ge=0, le=2**31 - 1)]
-Choice = Literal["a", "b", "tie"]
-AnnotatorName = Annotated[
-    str, Field(min_length=1, max_length=200, pattern=r"^[\w.@:+-]([\w.@:+ -]*[\w.@:+-])?$")
-]
-
-
-class LabelRequest(BaseModel):
-    """One label by the calling annotator."""
-
-    model_config = STRICT
-    comparison_id: ComparisonId
-    choice: Choice
-
-
-class SkipRequest(BaseModel):
-    """A comparison the calling annotator puts aside."""
-
-    model_config = STRICT
-    comparison_id: ComparisonId
-
-
-class ImportedLabel(BaseModel):
-    """A human label of a comparison already in the campaign (bulk import)."""
-
-    model_config = STRICT
-    comparison_id: ComparisonId
-    choice: Choice
-    annotator: AnnotatorName
-    strength: Annotated[float, Field(ge=-1e6, le=1e6)] | None = None
-
-
-class ImportRequest(BaseModel):
-    """A batch of imported labels: all are recorded, or none."""
-
-    model_config = STRICT
-    labels: Annotated[list[ImportedLabel], Field(min_length=1, max_length=1000)]
-
-
-def validation_problems(exc: ValidationError, whole: str = "body") -> list[tuple[str, str]]:
-    """``(field path, what was expected)`` per error, e.g. ``("labels[2].choice", ...)``; an
-    error about the whole object is named ``whole``."""
-    out = []
-    for err in exc.errors(include_url=False):
-        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-        message = err["msg"]
-        if err["loc"] and err["type"] not in ("missing", "extra_forbidden"):
-            shown = repr(err.get("input"))
-            message += f"; got {shown if len(shown) <= 60 else shown[:57] + '...'}"
-        out.append((path.lstrip(".") or whole, message))
-    return out
-
-
-# -- errors ---------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """A refusal that becomes `{"error": code, "detail": detail}` with ``status``."""
-
-    def __init__(
-        self, status: int, code: str, detail: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.headers = status, code, detail, headers
-
-
-def _error_response(err: ApiError) -> JSONResponse:
-    body = {"error": err.code, "detail": err.detail}
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
-
-
-def parse(model: type[M], raw: bytes) -> M:
-    """Validate a JSON body strictly.
-
-    Raises:
-        ApiError: 422 naming every bad field.
-    """
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        problems = validation_problems(exc)
-        detail = "; ".join(f"{field}: {msg}" for field, msg in problems)
-        raise ApiError(422, "invalid_request", detail) from None
-
-
-def _ledger_refusal(exc: LedgerError, what: str) -> ApiError:
-    """The HTTP form of a ledger refusal (``what``: the caller's own wording of it)."""
-    text = re.sub(r"^preferences\[(\d+)\]: ", lambda m: f"labels[{m[1]}]: ", str(exc))
-    if isinstance(exc, UnknownId):
-        return ApiError(404, "unknown_comparison", text)
-    if isinstance(exc, IdempotencyConflict):
-        return ApiError(409, "idempotency_conflict", what or text)
-    if isinstance(exc, LeaseLost):
-        return ApiError(409, "lease_lost", what or text)
-    if isinstance(exc, DuplicateLabel):
-        return ApiError(409, "duplicate_label", text)
-    return ApiError(422, "invalid_request", text)
-
-
-# -- the request gate -----------------------------------------------------------------------
-
-
-class TokenBucket:
-    """Per-key token buckets: ``burst`` requests at once, refilled at ``rate`` per second."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self._buckets: dict[Any, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, key: Any) -> float:
-        """Take a token for ``key``: 0.0 when granted, else seconds until one is available."""
-        with self._lock:
-            now = self.clock()
-            tokens, then = self._buckets.get(key, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
-            if tokens < 1.0:
-                self._buckets[key] = (tokens, now)
-                return (1.0 - tokens) / self.rate
-            self._buckets[key] = (tokens - 1.0, now)
-            return 0.0
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _host_name(host_header: str) -> str:
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-class Gate:
-    """ASGI middleware run before any route: Host allowlist, Origin check, body cap, headers."""
-
-    def __init__(self, app: Any, hosts: frozenset[str], origins: frozenset[str], max_body: int):
-        self.app, self.hosts, self.origins, self.max_body = app, hosts, origins, max_body
-
-    def _refusal(self, headers: Headers) -> ApiError | None:
-        host = headers.get("host", "")
-        if _host_name(host) not in self.hosts:
-            return ApiError(403, "forbidden_host", f"Host {host[:100]!r} is not served here")
-        origin = headers.get("origin")
-        if origin is not None and origin not in self.origins:
-            scheme, _, netloc = origin.partition("://")
-            if scheme not in ("http", "https") or netloc.lower() != host.lower():
-                return ApiError(403, "forbidden_origin", f"cross-origin request from "
-                                f"{origin[:100]!r} refused; open the page served here instead")
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return ApiError(413, "body_too_large", f"request body over {self.max_body} bytes")
-        return None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def send_with_headers(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                present = {k.lower() for k, _ in message.get("headers", [])}
-                extra = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()
-                         if k.encode() not in present]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
-        refusal = self._refusal(Headers(scope=scope))
-        if refusal is not None:
-            return await _error_response(refusal)(scope, receive, send_with_headers)
-        seen = 0
-
-        async def capped_receive() -> Any:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, capped_receive, send_with_headers)
-        except _BodyTooLarge:
-            if started:
-                raise
-            too_large = ApiError(413, "body_too_large", f"request body over {self.max_body} bytes")
-            await _error_response(too_large)(scope, receive, send_with_headers)
-
-
-# -- the service ----------------------------------------------------------------------------
-
-
-class LabelService:
-    """What the routes do, over one ledger and campaign (thread-safe; routes run in a pool)."""
-
-    def __init__(self, ledger: Ledger, campaign: str, settings: LabelSettings) -> None:
-        self.ledger, self.campaign, self.settings = ledger, campaign, settings
-        self.bucket = TokenBucket(settings.rate_per_s, settings.burst)
-        self._held: dict[str, Claim] = {}  # the comparison each annotator is looking at
-        self._lock = threading.Lock()
-
-    def caller(self, authorization: str | None) -> Annotator:
-        """The live annotator behind an `Authorization: Bearer` header, rate-limited."""
-        if authorization is None:
-            raise ApiError(401, "missing_token", "send `Authorization: Bearer <token>`; "
-                           "an admin creates tokens with `prefloop annotators add NAME`",
-                           {"WWW-Authenticate": "Bearer"})
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or len(token) > 256:
-            raise ApiError(401, "malformed_token", "the Authorization header must be "
-                           "`Bearer <token>`", {"WWW-Authenticate": "Bearer"})
-        who = self.ledger.authenticate(token)
-        if who is None:
-            raise ApiError(401, "invalid_token", "the token is unknown or revoked; ask an "
-                           "admin for a new one", {"WWW-Authenticate": "Bearer"})
-        wait = self.bucket.take(who.id)
-        if wait > 0:
-            retry = math.ceil(wait)
-            raise ApiError(429, "rate_limited", f"too many requests for annotator {who.name!r}; "
-                           f"retry in {retry} s", {"Retry-After": str(retry)})
-        return who
-
-    def audit(self, who: Annotator, what: str, raw: bytes) -> None:
-        """Append an audit row with the sha256 of the request body."""
-        self.ledger.audit(who.name, what, hashlib.sha256(raw).hexdigest())
-
-    def next_for(self, who: Annotator) -> dict[str, Any]:
-        """The comparison ``who`` holds if its lease has over half its time left, else a new one."""
-        with self._lock:
-            held = self._held.get(who.name)
-        fresh_until = utcnow() + timedelta(seconds=self.settings.lease_s / 2)
-        if held is None or held.expires_at < fresh_until:
-            claims = self.ledger.claim(self.campaign, who.name, 1, self.settings.lease_s)
-            held = claims[0] if claims else None
-            with self._lock:
-                if held is None:
-                    self._held.pop(who.name, None)
-                else:
-                    self._held[who.name] = held
-        remaining = self.ledger.comparison_counts(self.campaign).pending
-        if held is None:
-            return {"comparison": None, "remaining": remaining}
-        shown = {"id": held.comparison_id, "prompt": held.prompt, "response_a": held.text_a,
-                 "response_b": held.text_b, "expires_at": held.expires_at.isoformat() + "Z",
-                 "attempt": held.attempt}
-        return {"comparison": shown, "remaining": remaining}
-
-    def _let_go(self, who: Annotator, comparison_id: int) -> None:
-        with self._lock:
-            held = self._held.get(who.name)
-            if held is not None and held.comparison_id == comparison_id:
-                del self._held[who.name]
-
-    def label(self, who: Annotator, key: str | None, raw: bytes) -> tuple[dict[str, Any], bool]:
-        """Record ``who``'s label; returns the result and whether it was a replay."""
-        where = f"label campaign={self.campaign!r} key={(key or '')[:100]!r}"
-        try:
-            if key is None or not _KEY.fullmatch(key):
-                raise ApiError(400, "bad_idempotency_key", "send an `Idempotency-Key` header of "
-                               "1-100 characters from A-Z a-z 0-9 _ . : - (new for each label)")
-            req = parse(LabelRequest, raw)
-            pref = NewPreference(req.comparison_id, req.choice, "human", who.name,
-                                 idempotency_key=f"label-api:{who.id}:{key}")
-            try:
-                rec = self.ledger.record_preference(self.campaign, pref, lease_owner=who.name)
-            except LedgerError as exc:
-                raise _ledger_refusal(exc, {
-                    IdempotencyConflict: f"Idempotency-Key {key!r} was already used for a "
-                    "different label; send a new key for a new label",
-                    LeaseLost: f"comparison {req.comparison_id} is not leased to you (the lease "
-                    "expired or was never yours); GET /api/next for work",
-                }.get(type(exc), "")) from None
-        except ApiError as err:
-            self.audit(who, f"{where} -> refused {err.status} {err.code}", raw)
-            raise
-        self._let_go(who, req.comparison_id)
-        state = "created" if rec.created else "replayed"
-        self.audit(who, f"{where} comparison={req.comparison_id} choice={req.choice} -> "
-                   f"preference {rec.id} {state}", raw)
-        result = {"preference_id": rec.id, "comparison_id": req.comparison_id,
-                  "choice": req.choice}
-        return result, not rec.created
-
-    def skip(self, who: Annotator, raw: bytes) -> dict[str, Any]:
-        """Stop showing a comparison to ``who`` (it stays leased until the lease runs out)."""
-        req = parse(SkipRequest, raw)
-        self._let_go(who, req.comparison_id)
-        self.audit(who, f"skip campaign={self.campaign!r} comparison={req.comparison_id}", raw)
-        return {"skipped": req.comparison_id}
-
-    def import_labels(self, who: Annotator, raw: bytes) -> dict[str, Any]:
-        """Admin only: record human labels of existing comparisons, all or none."""
-        where = f"import campaign={self.campaign!r}"
-        try:
-            if who.role != "admin":
-                raise ApiError(403, "admin_only", f"annotator {who.name!r} has role "
-                               f"{who.role!r}; importing labels needs an admin token")
-            req = parse(ImportRequest, raw)
-            prefs = [NewPreference(x.comparison_id, x.choice, "human", x.annotator, x.strength)
-                     for x in req.labels]
-            try:
-                recs = self.ledger.record_preferences(self.campaign, prefs)
-            except LedgerError as exc:
-                raise _ledger_refusal(exc, "") from None
-        except ApiError as err:
-            self.audit(who, f"{where} -> refused {err.status} {err.code}", raw)
-            raise
-        created = sum(r.created for r in recs)
-        self.audit(who, f"{where} labels={len(recs)} -> created {created}", raw)
-        return {"created": created, "existing": len(recs) - created,
-                "preference_ids": [r.id for r in recs]}
-
-    def stats(self, who: Annotator) -> dict[str, Any]:
-        """Queue counts, labels by kind, and effective human labels per annotator (admins see
-        everyone; an annotator sees itself)."""
-        counts = self.ledger.comparison_counts(self.campaign)
-        human = self.ledger.snapshot(self.campaign, kinds=("human",))
-        per = Counter(row.labeler_id for row in human.rows)
-        mine = {who.name: per[who.name]}
-        return {
-            "campaign": self.campaign,
-            "comparisons": {"pending": counts.pending, "claimed": counts.claimed,
-                            "labeled": counts.labeled},
-            "labels_by_kind": self.ledger.label_counts(self.campaign),
-            "by_annotator": dict(sorted(per.items())) if who.role == "admin" else mine,
-            "you": {"name": who.name, "role": who.role, "labeled": per[who.name]},
-        }
-
-
-# -- the app --------------------------------------------------------------------------------
 
 
 def _service(request: Request) -> LabelService:
@@ -540,21 +123,21 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _refused(_: Request, err: ApiError) -> JSONResponse:
-        return _error_response(err)
+        return error_response(err)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         fields = [".".join(str(p) for p in e["loc"]) for e in exc.errors()]
-        return _error_response(ApiError(422, "invalid_request", f"invalid {', '.join(fields)}"))
+        return error_response(ApiError(422, "invalid_request", f"invalid {', '.join(fields)}"))
 
     @app.exception_handler(LedgerError)
     async def _ledger(_: Request, exc: LedgerError) -> JSONResponse:
-        return _error_response(ApiError(503, "ledger_error", str(exc)))
+        return error_response(ApiError(503, "ledger_error", str(exc)))
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error_response(ApiError(exc.status_code, code, str(exc.detail)))
+        return error_response(ApiError(exc.status_code, code, str(exc.detail)))
 
 
 def create_app(ledger: Ledger, campaign: str, settings: LabelSettings) -> FastAPI:
@@ -569,7 +152,7 @@ def create_app(ledger: Ledger, campaign: str, settings: LabelSettings) -> FastAP
     app = FastAPI(title="prefloop label service", docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.labels = LabelService(ledger, campaign, settings)
-    bound = () if settings.host in ("0.0.0.0", "::", "") else (_host_name(settings.host),)
+    bound = () if settings.host in ("0.0.0.0", "::", "") else (host_name(settings.host),)
     hosts = frozenset({*LOOPBACK_NAMES, *bound, *(h.lower() for h in settings.allowed_hosts)})
     app.add_middleware(Gate, hosts=hosts, origins=frozenset(settings.allowed_origins),
                        max_body=settings.max_body_bytes)

@@ -10,9 +10,11 @@ A line of an import file is one JSON object in either form:
 Both accept `strength` (a finite number or null); the pair form also `policy_version_a/_b`
 (default 0), `labeler_kind` (only "human") and `provenance` (ignored), so that an export file
 imports as it is. Every line is validated before anything is written; a file with a bad line
-imports nothing unless `skip_bad`. Imports are idempotent: a pair's generations are keyed by
-their text (worker `label-import`, sample index from the text's sha256), so a second import of
-the same file finds every row and adds none.
+imports nothing unless `skip_bad`. What a file writes (each pair's prompt, generations and
+comparison, and every label) is one ledger transaction, so a label the ledger refuses leaves no
+new row behind. Imports are idempotent: a pair's generations are keyed by their text (worker
+`label-import`, sample index from the text's sha256), so a second import of the same file
+finds every row and adds none.
 
 An export line is the pair form plus `labeler_kind` and `provenance` (campaign and ledger ids).
 Importing it into the campaign it came from creates new comparisons with the same texts (the
@@ -32,10 +34,16 @@ from typing import IO, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from actors.label_app import STRICT, AnnotatorName, Choice, ImportedLabel, validation_problems
+from actors.label_schemas import (
+    STRICT,
+    AnnotatorName,
+    Choice,
+    ImportedLabel,
+    validation_problems,
+)
 from storage.errors import LedgerError, UnknownId
 from storage.ledger import Ledger
-from storage.records import NewComparison, NewGeneration, NewPreference
+from storage.records import NewPairPreference, NewPreference, NewResponse
 
 WORKER = "label-import"
 SAMPLING = {"source": WORKER, "token_count": "whitespace words"}
@@ -217,43 +225,33 @@ def _blame(exc: LedgerError, pairs: Sequence[Line], lines: Sequence[Line]) -> _L
     return _LineFailed(line.number, re.sub(r"^\w+\[\d+\]: ", "", str(exc)))
 
 
+def _item(label: PairLabel | ImportedLabel) -> NewPreference | NewPairPreference:
+    """The ledger's form of a line: a preference of a comparison, or of a pair of texts."""
+    if isinstance(label, ImportedLabel):
+        return NewPreference(label.comparison_id, label.choice, "human", label.annotator,
+                             label.strength)
+    responses = [
+        NewResponse(text, len(text.split()), version, WORKER, text_index(text), SAMPLING)
+        for text, version in ((label.response_a, label.policy_version_a),
+                              (label.response_b, label.policy_version_b))
+    ]
+    return NewPairPreference(label.prompt, *responses, label.choice, "human", label.annotator,
+                             label.strength, selection=WORKER)
+
+
 def _write_once(ledger: Ledger, campaign: str, lines: Sequence[Line]) -> list[bool]:
-    """Record ``lines`` (pairs first get their comparisons); created flags in line order."""
+    """Record ``lines`` in one transaction (a pair's prompt, generations and comparison too, so
+    a refusal leaves nothing behind); created flags in line order."""
     pairs = [line for line in lines if isinstance(line.label, PairLabel)]
+    items = [_item(line.label) for line in lines]
     try:
-        new_ids = _add_pairs(ledger, campaign, [p.label for p in pairs])
-        comparison_of = {p.number: cid for p, cid in zip(pairs, new_ids, strict=True)}
-        prefs = []
-        for line in lines:
-            label = line.label
-            cid = label.comparison_id if isinstance(label, ImportedLabel) else \
-                comparison_of[line.number]
-            prefs.append(NewPreference(cid, label.choice, "human", label.annotator,
-                                       label.strength))
-        return [r.created for r in ledger.record_preferences(campaign, prefs)]
+        return [r.created for r in ledger.record_pair_preferences(campaign, items, WORKER)]
     except LedgerError as exc:
         raise _blame(exc, pairs, lines) from None
 
 
-def _add_pairs(ledger: Ledger, campaign: str, pairs: Sequence[Any]) -> list[int]:
-    """Prompts, generations and comparisons of the pair-form labels (idempotent)."""
-    if not pairs:
-        return []
-    prompt_ids = ledger.add_prompts(campaign, [p.prompt for p in pairs], source=WORKER)
-    gens = [
-        NewGeneration(pid, text, len(text.split()), version, WORKER, text_index(text), SAMPLING)
-        for pid, p in zip(prompt_ids, pairs, strict=True)
-        for text, version in ((p.response_a, p.policy_version_a),
-                              (p.response_b, p.policy_version_b))
-    ]
-    gen_ids = ledger.add_generations(campaign, gens)
-    comps = [NewComparison(gen_ids[2 * i], gen_ids[2 * i + 1], selection=WORKER)
-             for i in range(len(pairs))]
-    return ledger.add_comparisons(campaign, comps)
-
-
 def import_labels(ledger: Ledger, campaign: str, parsed: Parsed, skip_bad: bool) -> Imported:
-    """Write the good lines as human preferences, all in one preference transaction.
+    """Write the good lines as human preferences, all in one transaction.
 
     With ``skip_bad``, bad lines (and lines the ledger refuses) are left out; without it, any
     bad line raises and no preference is written.

@@ -4,7 +4,8 @@ Every call is one transaction (``BEGIN IMMEDIATE`` on SQLite) that validates its
 before writing, so a bad row raises a ``LedgerError`` and writes nothing. Facts are append-only
 and writes are idempotent on natural keys. Inputs and outputs are frozen dataclasses from
 ``storage.records``. The per-topic logic lives in ``content``, ``labels``, ``queue``,
-``snapshots``, ``registry``, ``people`` and ``reports``; this class is the transaction boundary.
+``pairs``, ``snapshots``, ``registry``, ``people`` and ``reports``; this class is the
+transaction boundary.
 
 Example:
     >>> ledger = Ledger.open("sqlite:///:memory:")  # doctest: +SKIP
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from storage import content, labels, people, queue, registry, reports, snapshots
+from storage import content, labels, pairs, people, queue, registry, reports, snapshots
 from storage.db import engine_for, read_tx, row_counts, upgrade, write_tx
 from storage.errors import LedgerError, SnapshotMismatch
 from storage.models import utcnow
@@ -38,6 +39,7 @@ from storage.records import (
     ModelVersion,
     NewComparison,
     NewGeneration,
+    NewPairPreference,
     NewPreference,
     Recorded,
     Snapshot,
@@ -159,6 +161,10 @@ class Ledger:
         """Clear expired leases; returns how many (expired leases are claimable regardless)."""
         return self._in_campaign(campaign, queue.expire, now or utcnow())
 
+    def leased_to(self, campaign: str, owner: str, now: datetime | None = None) -> list[Claim]:
+        """The comparisons ``owner`` holds a live lease on, with their texts (claim order)."""
+        return self._read(campaign, queue.leased_to, owner, now or utcnow())
+
     def comparison_counts(self, campaign: str, now: datetime | None = None) -> ComparisonCounts:
         """Pending / claimed / labeled comparison counts."""
         return self._read(campaign, queue.counts, now or utcnow())
@@ -198,6 +204,23 @@ class Ledger:
         return self._in_campaign(
             campaign, labels.record_preferences, prefs, lease_owner, now or utcnow()
         )
+
+    def record_pair_preferences(
+        self,
+        campaign: str,
+        items: Sequence[NewPreference | NewPairPreference],
+        source: str | None = None,
+        now: datetime | None = None,
+    ) -> list[Recorded]:
+        """Record preferences of comparisons and of text pairs, all or none, in one transaction.
+
+        Each pair's prompt (``source`` if new), generations and comparison are found or created
+        first (idempotently), so a refused preference leaves no new row behind. Refusals name
+        ``prompts[i]``, ``generations[2i]``/``[2i + 1]`` or ``comparisons[i]`` (the i-th pair
+        item) or ``preferences[k]`` (the k-th item); otherwise as ``record_preferences``.
+        """
+        args = (items, source, self.max_text_chars, now or utcnow())
+        return self._in_campaign(campaign, pairs.record_pair_preferences, *args)
 
     def watermark(self, campaign: str) -> int:
         """Highest preference id of the campaign that is safe to snapshot (0 if none)."""
@@ -334,6 +357,10 @@ class Ledger:
     def label_counts(self, campaign: str) -> dict[str, int]:
         """Preference rows per labeler kind."""
         return self._read(campaign, reports.labels_by_kind_total)
+
+    def label_counts_by_labeler(self, campaign: str, kind: str | None = None) -> dict[str, int]:
+        """Effective (not superseded) preferences per labeler id, of one labeler kind or all."""
+        return self._read(campaign, reports.effective_by_labeler, kind)
 
     def preferences_per_rm_version(self, campaign: str) -> dict[int, int]:
         """Training-set size of each RM version."""

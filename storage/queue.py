@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, and_, case, func, or_, select, update
+from sqlalchemy import Connection, Select, and_, case, func, or_, select, update
 from sqlalchemy.orm import aliased
 
 from storage import validate as v
@@ -52,8 +53,17 @@ def claim(
         .where(Comparison.id.in_(ids))
         .values(lease_owner=owner, lease_expires_at=expires, lease_count=Comparison.lease_count + 1)
     )
+    query = _with_texts().where(Comparison.id.in_(ids))
+    return [
+        Claim(cid, pid, prompt, a, text_a, b, text_b, owner, expires, attempt)
+        for cid, pid, prompt, a, text_a, b, text_b, attempt, _ in conn.execute(query)
+    ]
+
+
+def _with_texts() -> Select[Any]:
+    """Comparisons with the texts of a ``Claim`` and their lease expiry, in claim order."""
     gen_a, gen_b = aliased(Generation), aliased(Generation)
-    query = (
+    return (
         select(
             Comparison.id,
             Comparison.prompt_id,
@@ -63,16 +73,31 @@ def claim(
             gen_b.id,
             gen_b.text,
             Comparison.lease_count,
+            Comparison.lease_expires_at,
         )
         .join(Prompt, Prompt.id == Comparison.prompt_id)
         .join(gen_a, gen_a.id == Comparison.generation_a_id)
         .join(gen_b, gen_b.id == Comparison.generation_b_id)
-        .where(Comparison.id.in_(ids))
         .order_by(Comparison.priority.desc(), Comparison.id)
+    )
+
+
+def leased_to(conn: Connection, campaign_id: int, owner: str, now: datetime) -> list[Claim]:
+    """The comparisons whose live lease ``owner`` holds, as ``claim`` returned them (claim order).
+
+    Live means what recording under the lease requires: still pending and expiring at or after
+    ``now``. ``attempt`` is the comparison's lease count, as when it was claimed.
+    """
+    v.name(owner, "leased_to", "owner")
+    query = _with_texts().where(
+        Comparison.campaign_id == campaign_id,
+        Comparison.status == "pending",
+        Comparison.lease_owner == owner,
+        Comparison.lease_expires_at >= now,
     )
     return [
         Claim(cid, pid, prompt, a, text_a, b, text_b, owner, expires, attempt)
-        for cid, pid, prompt, a, text_a, b, text_b, attempt in conn.execute(query)
+        for cid, pid, prompt, a, text_a, b, text_b, attempt, expires in conn.execute(query)
     ]
 
 

@@ -101,6 +101,39 @@ class NewPreference:
 
 
 @dataclass(frozen=True)
+class NewResponse:
+    """One side of a ``NewPairPreference``: a generation of the pair's prompt (same natural key
+    and fields as ``NewGeneration``, without ``prompt_id``)."""
+
+    text: str
+    token_count: int
+    policy_version: int
+    worker: str
+    sample_index: int = 0
+    sampling_params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewPairPreference:
+    """A label of two responses to a prompt that the ledger may not hold yet.
+
+    ``Ledger.record_pair_preferences`` finds or creates the prompt (by its text), both
+    generations (by their natural keys) and their comparison (by the ordered pair, with
+    ``selection``), then records the label as a ``NewPreference`` of that comparison.
+    """
+
+    prompt: str
+    response_a: NewResponse
+    response_b: NewResponse
+    choice: str
+    labeler_kind: str
+    labeler_id: str
+    strength: float | None = None
+    selection: str = "random"
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
 class Recorded:
     """Result of recording one preference: its id, and False when it already existed."""
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Integer, cast, func, select
+from sqlalchemy import Connection, Integer, cast, exists, func, select
+from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from storage import validate as v
-from storage.models import Comparison, Generation, ModelVersion, Preference, Prompt
+from storage.models import LABELER_KINDS, Comparison, Generation, ModelVersion, Preference, Prompt
 from storage.snapshots import effective_query
 
 
@@ -51,6 +52,26 @@ def labels_by_kind_total(conn: Connection, campaign_id: int) -> dict[str, int]:
         .group_by(Preference.labeler_kind)
     )
     return {kind: int(n) for kind, n in conn.execute(query)}
+
+
+def effective_by_labeler(conn: Connection, campaign_id: int, kind: str | None) -> dict[str, int]:
+    """Effective preferences (not superseded) per labeler id, of labeler kind ``kind`` or all.
+
+    Counts the rows committed by now (no watermark, no table lock), sorted by labeler id.
+    """
+    if kind is not None:
+        v.one_of(kind, LABELER_KINDS, "label_counts_by_labeler", "kind")
+    later = aliased(Preference)
+    superseded = exists().where(later.supersedes_id == Preference.id)
+    query = (
+        select(Preference.labeler_id, func.count())
+        .join(Comparison, Comparison.id == Preference.comparison_id)
+        .where(Comparison.campaign_id == campaign_id, ~superseded)
+        .group_by(Preference.labeler_id)
+    )
+    if kind is not None:
+        query = query.where(Preference.labeler_kind == kind)
+    return dict(sorted((labeler, int(n)) for labeler, n in conn.execute(query)))
 
 
 def preferences_per_rm_version(conn: Connection, campaign_id: int) -> dict[int, int]:

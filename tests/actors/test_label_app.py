@@ -17,7 +17,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from actors.label_app import LabelSettings, TokenBucket, UnsafeBind, create_app, is_loopback
+from actors.label_app import LabelSettings, UnsafeBind, create_app
+from actors.label_gate import TokenBucket, is_loopback
 from actors.label_server import serve_in_thread
 from storage.db import engine_for
 from storage.ledger import Ledger
@@ -184,6 +185,25 @@ def test_skip_moves_on_and_keeps_the_lease_until_it_expires(world):
     counts = world.ledger.comparison_counts("c1")
     assert (counts.pending, counts.claimed, counts.labeled) == (1, 2, 0)
     assert world.ledger.audit_log()[0].what == f"skip campaign='c1' comparison={c0}"
+
+
+def test_after_a_restart_next_shows_the_comparison_the_annotator_was_looking_at(world):
+    c0, c1, c2 = world.comparisons
+    before = client(world).get("/api/next", headers=auth(world.alice)).json()["comparison"]
+    assert before["id"] == c0
+    restarted = TestClient(create_app(Ledger(world.url), "c1", LabelSettings(**FAST)),
+                           base_url=BASE)  # a new process: nothing in memory
+    assert restarted.get("/api/next", headers=auth(world.alice)).json()["comparison"] == before
+    assert restarted.get("/api/next", headers=auth(world.bob)).json()["comparison"]["id"] == c1
+    counts = world.ledger.comparison_counts("c1")
+    assert (counts.pending, counts.claimed) == (1, 2)  # no second lease for alice
+    assert label(restarted, world.alice, c0, "a", "k-1").status_code == 200
+
+    assert restarted.get("/api/next", headers=auth(world.alice)).json()["comparison"]["id"] == c2
+    restarted.post("/api/skip", content=json.dumps({"comparison_id": c2}),
+                   headers=auth(world.alice))
+    nothing = restarted.get("/api/next", headers=auth(world.alice)).json()
+    assert nothing == {"comparison": None, "remaining": 0}  # c2 is leased but was put aside
 
 
 def test_the_same_idempotency_key_replays_and_a_different_body_is_409(world):

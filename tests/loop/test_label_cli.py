@@ -17,7 +17,7 @@ import pytest
 
 from storage.db import engine_for
 from storage.ledger import Ledger
-from storage.records import NewComparison, NewGeneration
+from storage.records import NewComparison, NewGeneration, NewPreference
 
 REPO = Path(__file__).resolve().parents[2]
 PAIR = {"prompt": "What is 2+2?", "response_a": "4", "response_b": "5", "choice": "a",
@@ -154,6 +154,23 @@ def test_a_line_that_contradicts_the_ledger_is_named_and_nothing_is_imported(tmp
         "--skip-bad to import the rest)",
     ]
     assert counts(url)["preference"] == before["preference"] == 1
+
+
+def test_a_refused_label_leaves_no_new_pair_behind(tmp_path, db):
+    url, (c0, _) = db
+    Ledger(url).record_preference("c1", NewPreference(c0, "a", "human", "bob"))
+    before = counts(url)
+    path = write_lines(tmp_path / "refused.jsonl", [
+        PAIR, COLOUR, {"comparison_id": c0, "choice": "b", "annotator": "bob"},
+    ])
+    result = prefloop("label", "import", str(path), "--db-url", url, "--campaign", "c1")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == (
+        f"prefloop: error: {path}:3: labeler 'bob' already labeled comparison {c0} (preference "
+        "1, choice 'a'); to change it record a correction with supersedes=1")
+    assert counts(url) == before  # the two new pairs' prompts, generations, comparisons: gone
+    queue = Ledger(url).comparison_counts("c1")
+    assert (queue.pending, queue.labeled) == (1, 1)
 
 
 def test_export_round_trips_through_import_into_another_ledger(tmp_path, db):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from storage.errors import DuplicateLabel, IdempotencyConflict
+from storage.errors import DuplicateLabel, IdempotencyConflict, InvalidInput
 from storage.ledger import Ledger
 from storage.records import NewPreference
 
@@ -65,6 +67,32 @@ def test_one_label_per_labeler_and_corrections_supersede(ledger: Ledger, seed) -
         (other.id, "alice", "b"),
         (again.id, "judge", "tie"),
     ]
+
+
+def test_label_counts_by_labeler_count_effective_labels(ledger: Ledger, seed) -> None:
+    s = seed(ledger, "c1", 1, 4)  # 6 comparisons
+    c = s.comparisons
+    first = ledger.record_preferences(
+        "c1",
+        [_pref(c[k]) for k in range(3)]  # judge (ai): 3
+        + [_pref(c[k], labeler="alice", kind="human") for k in (0, 1)]
+        + [_pref(c[3], labeler="bob", kind="human"), _pref(c[0], labeler="gold-rm", kind="gold")],
+    )
+    fix = ledger.record_preference("c1", _pref(c[0], "b", supersedes=first[0].id))
+    ledger.record_preference("c1", _pref(c[0], "tie", supersedes=fix.id))
+    ledger.record_preference("c1", _pref(c[1], "b", "alice", kind="human", supersedes=first[4].id))
+    other = seed(ledger, "c2", 1, 2)
+    ledger.record_preference("c2", _pref(other.comparisons[0], labeler="alice", kind="human"))
+
+    assert ledger.label_counts_by_labeler("c1") == {"alice": 2, "bob": 1, "gold-rm": 1, "judge": 3}
+    assert ledger.label_counts_by_labeler("c1", "human") == {"alice": 2, "bob": 1}
+    assert ledger.label_counts_by_labeler("c1", "ai") == {"judge": 3}
+    assert ledger.label_counts_by_labeler("c2", "gold") == {}
+    assert ledger.label_counts("c1") == {"ai": 5, "human": 4, "gold": 1}  # rows, not effective
+    snap = ledger.snapshot("c1", kinds=("human",))  # the same count the slow way
+    assert ledger.label_counts_by_labeler("c1", "human") == Counter(r.labeler_id for r in snap.rows)
+    with pytest.raises(InvalidInput, match="field 'kind' must be one of"):
+        ledger.label_counts_by_labeler("c1", "robot")
 
 
 @pytest.mark.parametrize(

@@ -84,3 +84,36 @@ def test_a_lease_fences_the_label(ledger: Ledger, seed) -> None:
     rest = ledger.claim("c1", "C", 10, lease_s=10, now=later)
     assert order[0] not in [c.comparison_id for c in rest] and len(rest) == 7
     assert ledger.row_counts()["preference"] == 1
+
+
+def test_leased_to_lists_an_owners_live_leases_as_claimed(ledger: Ledger, seed) -> None:
+    order = _queue(ledger, seed)
+    a = ledger.claim("c1", "A", 3, lease_s=60, now=T0)
+    b = ledger.claim("c1", "B", 2, lease_s=30, now=T0)
+    assert ledger.leased_to("c1", "A", now=T0) == a  # same ids, texts, expiry and attempt
+    assert ledger.leased_to("c1", "B", now=T0) == b
+    assert ledger.leased_to("c1", "C", now=T0) == []
+
+    ledger.record_preference("c1", _label(order[0], "A"), lease_owner="A", now=T0)
+    assert ledger.release("c1", "A", [order[2]]) == 1
+    assert ledger.leased_to("c1", "A", now=T0) == [a[1]]  # labeled and released ones leave
+    at_expiry = T0 + timedelta(seconds=60)
+    assert ledger.leased_to("c1", "A", now=at_expiry) == [a[1]]  # live until its last instant
+    assert ledger.leased_to("c1", "B", now=at_expiry) == []
+    assert ledger.leased_to("c1", "A", now=at_expiry + timedelta(microseconds=1)) == []
+    later = T0 + timedelta(seconds=61)
+    retaken = ledger.claim("c1", "B", 8, lease_s=60, now=later)
+    assert [c.comparison_id for c in retaken] == order[1:]  # A's expired lease is B's now
+    assert ledger.leased_to("c1", "B", now=later) == retaken
+    assert [c.attempt for c in retaken] == [2, 2, 2, 2, 1, 1, 1]  # released counts too
+    assert ledger.leased_to("c1", "A", now=later) == []
+
+
+def test_leased_to_is_per_campaign_and_checks_the_owner(ledger: Ledger, seed) -> None:
+    _queue(ledger, seed)
+    seed(ledger, "c2", 1, 2)
+    mine = ledger.claim("c2", "A", 1, lease_s=60, now=T0)
+    assert ledger.leased_to("c1", "A", now=T0) == []
+    assert ledger.leased_to("c2", "A", now=T0) == mine
+    with pytest.raises(InvalidInput, match="leased_to: field 'owner' must be a non-empty string"):
+        ledger.leased_to("c1", "")
