@@ -5,7 +5,7 @@
     prefloop label serve|import|export ...
     prefloop annotators add|revoke|list ...
     prefloop db upgrade|status
-    prefloop report RUN_DIR
+    prefloop report RUN_DIR [--out DIR]
 
 User mistakes print one `prefloop: error: …` message and exit 2; a capability that is not
 built yet says so and exits 3. Neither prints a traceback.
@@ -25,7 +25,6 @@ import yaml
 from loop.config_load import ConfigError, load_config
 
 EXIT_USAGE = 2
-EXIT_NOT_BUILT = 3
 
 app = typer.Typer(
     name="prefloop",
@@ -55,10 +54,6 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     """Print one error message for a person and exit without a traceback."""
     typer.echo(f"prefloop: error: {message}", err=True)
     raise typer.Exit(code)
-
-
-def not_built(what: str) -> NoReturn:
-    fail(f"{what} is not built yet in this version of prefloop", EXIT_NOT_BUILT)
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -310,9 +305,21 @@ def db_status(db_url: DbUrlOpt = None, run_dir: RunDirOpt = None) -> None:
 
 
 @app.command()
-def report(run_dir: Path) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a campaign (its config.yaml, "
+                                            "metrics.jsonl and ledger).")],
+    out: Annotated[Path | None, typer.Option(
+        help="Write report.html and its PNGs here (default: RUN_DIR/report).")] = None,
+) -> None:
     """Write the Goodhart report (HTML + PNGs) of a run directory."""
-    not_built("the Goodhart report (prefloop report)")
+    from loop.report import ReportError, write_report
+
+    with _storage_errors():
+        try:
+            page = write_report(run_dir, out)
+        except ReportError as exc:
+            fail(str(exc))
+    typer.echo(str(page))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,17 +46,6 @@ def test_every_command_has_help(argv):
     assert "Usage: prefloop" in result.stdout
 
 
-@pytest.mark.parametrize(("argv", "what"), [
-    (["report", "runs/x"], "the Goodhart report (prefloop report)"),
-])
-def test_unbuilt_capability_says_so_and_fails(argv, what):
-    result = prefloop(*argv)
-    assert result.returncode == 3
-    assert result.stderr == (
-        f"prefloop: error: {what} is not built yet in this version of prefloop\n")
-    assert "Traceback" not in result.stderr
-
-
 def test_db_upgrade_then_status(tmp_path):
     up = prefloop("db", "upgrade", "--db-url", f"sqlite:///{tmp_path}/l.sqlite")
     assert up.returncode == 0, up.stderr
