@@ -127,6 +127,10 @@ class LabelingConfig(Section):
     """Lease on a claimed comparison; expired leases are reclaimed."""
     noise_temperature: NonNegFloat = 1.0
     """Bradley–Terry temperature of the simulated annotator (0: deterministic)."""
+    gold: str = "lexicon"
+    """The gold reward behind the gold and simulated judges (and the monitors' gold
+    measurements): `lexicon` (a transparent toy reward) or a directory of a saved reward
+    model (frozen; never trained by the loop)."""
     biases: SimulatedBiases = SimulatedBiases()
     """Human-like biases of the simulated annotator."""
     http: HttpJudgeConfig = HttpJudgeConfig()
@@ -279,6 +283,10 @@ class ResourcesConfig(Section):
     """Placement-group strategy of each actor group."""
     max_restarts: NonNegInt = 3
     """Ray restarts an actor that dies up to this many times."""
+    torch_threads: PositiveInt | None = None
+    """Threads of each actor's torch on a local Ray (None: Ray's default, the floor of the
+    actor's CPUs, at least 1). The synchronous loop runs one stage at a time, so on one
+    machine every stage can use all cores."""
 
 
 class MetricsConfig(Section):

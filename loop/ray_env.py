@@ -18,13 +18,17 @@ def configure_auth() -> str:
     return os.environ.setdefault("RAY_AUTH_MODE", DEFAULT_AUTH_MODE)
 
 
-def connect(num_cpus: int | None = None) -> str:
+def connect(num_cpus: int | None = None, torch_threads: int | None = None,
+            dashboard: bool = False) -> str:
     """Join the Ray cluster named by $RAY_ADDRESS, or start a private local one.
 
     `ray job submit` sets RAY_ADDRESS for its driver, so a submitted campaign joins its cluster;
     next to `ray start --head`, `RAY_ADDRESS=auto prefloop run …` joins that one. Without it,
     prefloop starts its own local instance (`address="local"`) rather than attaching to
-    whatever Ray happens to run on the machine. Returns "cluster" or "local".
+    whatever Ray happens to run on the machine, with at least `num_cpus` logical CPUs (more
+    than the machine's cores is fine for a loop whose stages take turns) and, given
+    `torch_threads`, OMP_NUM_THREADS set for every worker (Ray otherwise pins fractional-CPU
+    actors to one thread). Returns "cluster" or "local".
     """
     configure_auth()
     import ray
@@ -35,5 +39,8 @@ def connect(num_cpus: int | None = None) -> str:
     if address:
         ray.init(address=address)
         return "cluster"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    if torch_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(torch_threads)  # inherited by the local workers
+    cores = os.cpu_count() or 1
+    ray.init(address="local", num_cpus=max(num_cpus or 0, cores), include_dashboard=dashboard)
     return "local"

@@ -128,10 +128,12 @@ class RMService:
                 self._reference = load_hh_jsonl(path, limit=self.cfg.rm.eval_max_pairs)
         return self._reference
 
-    def restore_serving(self) -> ServingRM | None:
-        """After a restart: the ledger's latest promoted RM, its weights read back from the
-        weight store into the object store (None when no RM was promoted yet)."""
-        found = self.ledger.latest_model_version(self.name, "rm")
+    def restore_serving(self, version: int | None = None) -> ServingRM | None:
+        """After a restart: RM `version` (default: the ledger's latest promoted one), its
+        weights read back from the weight store into the object store (None when no RM was
+        promoted yet)."""
+        found = (self.ledger.model_version(self.name, "rm", version) if version is not None
+                 else self.ledger.latest_model_version(self.name, "rm"))
         if found is None:
             return None
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,26 @@
+"""The driver's own state between iterations: small, JSON-serialisable, checkpointed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.core.monitors_history import MonitorHistory
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from one iteration to the next (and checkpoints).
+
+    Attributes:
+        iteration: Iterations completed (the data position).
+        policy_version: Version of the policy the rollout workers hold.
+        rm_versions: RM versions trained so far (the next refresh trains max + 1).
+        labels_at_refresh: Ledger watermark when the serving RM was last refreshed.
+        history: Monitor history (windowed summaries).
+    """
+
+    iteration: int = 0
+    policy_version: int = 0
+    rm_versions: int = 1
+    labels_at_refresh: int = 0
+    history: MonitorHistory = field(default_factory=MonitorHistory)
