@@ -38,11 +38,11 @@ def test_run_seeds_the_ledger_and_says_what_it_did(tiny_run):
     run_dir, out = tiny_run
     assert "seeded the ledger from" in out
     assert "64 pairs, 64 new preferences (0 skipped" in out
-    assert "not built yet, so not run: rollout workers, AI labelers, PPO" in out
+    assert "iteration 2/2: reward" in out
     ledger = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite")
-    snap = ledger.snapshot("tiny")
+    snap = ledger.snapshot("tiny", kinds=("human",))
     assert len(snap.rows) == 64
-    assert {r.labeler_kind for r in snap.rows} == {"human"}
+    assert {r.labeler_id for r in snap.rows} == {"dataset:hh-rlhf"}
     # both sides carry labels: the seeded a/b assignment is shuffled, not all "a"
     choices = [r.choice for r in snap.rows]
     assert 16 < choices.count("a") < 48 and choices.count("a") + choices.count("b") == 64
@@ -52,10 +52,10 @@ def test_run_seeds_the_ledger_and_says_what_it_did(tiny_run):
 def test_run_trains_and_registers_rm_v1(tiny_run):
     run_dir, out = tiny_run
     ledger = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite")
-    (rm,) = ledger.model_versions("tiny", "rm")
+    rm = ledger.model_versions("tiny", "rm")[0]
     assert (rm.version, rm.status) == (1, "promoted")
-    snap = ledger.snapshot("tiny")
-    assert rm.snapshot.watermark == snap.watermark == 64
+    snap = ledger.snapshot("tiny", watermark=64)  # the seed pairs, before the loop's labels
+    assert rm.snapshot.watermark == 64
     assert rm.snapshot.sha256 == snap.sha256
     assert ledger.training_set("tiny", 1).sha256 == snap.sha256  # rebuilt from the ledger
     assert rm.weight_uri == str(run_dir / "weights/rm/v1")
@@ -70,6 +70,33 @@ def test_run_trains_and_registers_rm_v1(tiny_run):
     model = RewardModel.load(run_dir / "weights/rm/v1")
     assert model.head.weight.shape == (1, model.backbone.config.hidden_size)
     assert torch.isfinite(model.head.weight).all() and model.head.weight.abs().sum() > 0
+
+
+def test_the_loop_leaves_a_consistent_ledger(tiny_run):
+    run_dir, _ = tiny_run
+    ledger = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite")
+    assert [v.version for v in ledger.model_versions("tiny", "policy")] == [0, 1, 2]
+    per_version = ledger.generations_per_policy_version("tiny")
+    assert set(per_version) == {0, 1} and per_version[1] > 0  # iteration 1 sampled with v1
+    labels = ledger.snapshot("tiny", kinds=("ai",)).rows
+    assert labels, "the simulated annotator labeled the loop's comparisons"
+    assert {r.labeler_id for r in labels} == {"labeler-0"}
+    assert all({r.policy_version_a, r.policy_version_b} <= {0, 1} for r in labels)
+    assert len({(r.comparison_id, r.labeler_id) for r in labels}) == len(labels)
+    rms = ledger.model_versions("tiny", "rm")
+    assert len(rms) >= 2 and rms[0].status == "promoted"  # v1 + at least one refresh
+    for rm in rms:  # every RM's training set rebuilds from the ledger with the same hash
+        assert ledger.training_set("tiny", rm.version).sha256 == rm.snapshot.sha256
+        assert rm.status in {"promoted", "rejected"}
+    assert (run_dir / "checkpoints/it-000002/COMPLETE").is_file()
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    stages = {"rollout", "pair", "label", "rm_refresh", "ppo", "publish", "monitors"}
+    for row in rows[1:]:
+        assert {f"timing/{s}" for s in stages} <= set(row)
+        assert {"ppo/approx_kl", "ppo/mean_kl", "monitor/proxy_mean", "monitor/gold_mean",
+                "rollout/samples", "label/labeled"} <= set(row)
+        assert row["rollout/samples"] == 8  # 4 prompts × 2 samples
 
 
 def test_run_dir_holds_the_resolved_config_and_metrics(tiny_run):
@@ -92,14 +119,25 @@ def test_second_run_into_the_same_dir_is_refused(tiny_run):
                              "campaign.run_dir\n")
 
 
-def test_resume_seeds_nothing_twice_and_keeps_rm_v1(tiny_run):
+def test_resume_continues_from_the_checkpoint_and_duplicates_nothing(tiny_run):
     run_dir, _ = tiny_run
+    ledger = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite")
+    before = ledger.snapshot("tiny")
     result = prefloop("run", "configs/tiny.yaml", f"campaign.run_dir={run_dir}",
-                      "--resume", str(run_dir))
+                      "campaign.iterations=3", "--resume", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "64 pairs, 0 new preferences" in result.stdout
-    assert "the first RM exists already (resumed campaign): not retrained" in result.stdout
-    assert len(Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite").snapshot("tiny").rows) == 64
+    out = result.stdout
+    assert "64 pairs, 0 new preferences" in out
+    assert "the first RM exists already (resumed campaign): not retrained" in out
+    assert f"resumed from {run_dir / 'checkpoints/it-000002'}: iteration 2, policy v2" in out
+    assert "iteration 3/3" in out and "iteration 1/3" not in out  # only the remaining one
+    after = ledger.snapshot("tiny")
+    assert len(after.rows) >= len(before.rows)
+    assert after.rows[:len(before.rows)] == before.rows  # nothing rewritten
+    keys = [(r.comparison_id, r.labeler_id) for r in after.rows]
+    assert len(keys) == len(set(keys))
+    assert [v.version for v in ledger.model_versions("tiny", "policy")] == [0, 1, 2, 3]
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")][-1] == 3
 
 
 def test_resume_with_a_changed_config_names_the_keys(tiny_run):
@@ -183,10 +221,12 @@ def test_an_orphaned_weight_version_is_never_overwritten(tmp_path):
     run_dir = tmp_path / "tiny"
     orphan = open_weight_store(run_dir / "weights").publish("rm", 1, {"model.bin": b"orphan"})
     result = prefloop("run", "configs/tiny.yaml", f"campaign.run_dir={run_dir}",
-                      "rm.seed_max_pairs=16", "rm.eval_pairs=null")
+                      "rm.seed_max_pairs=16", "rm.eval_pairs=null", "campaign.iterations=1")
     assert result.returncode == 0, result.stdout + result.stderr
-    (rm,) = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite").model_versions("tiny", "rm")
+    rms = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite").model_versions("tiny", "rm")
+    rm = rms[0]  # the first RM; the loop's refreshes follow as v3, v4, …
     assert (rm.version, rm.status) == (2, "promoted")
+    assert [r.version for r in rms[1:]] == list(range(3, 3 + len(rms) - 1))
     assert rm.weight_uri == str(run_dir / "weights/rm/v2")
     assert (run_dir / "weights/rm/v1/model.bin").read_bytes() == b"orphan"
     assert orphan.version == 1
