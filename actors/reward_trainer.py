@@ -276,9 +276,12 @@ class RewardTrainerGroup:
 
     @classmethod
     def launch(cls, world_size: int, model_spec: ModelSpec, rm_cfg: RMConfig, seed: int,
-               name_prefix: str = "rm-trainer", num_cpus: float = 1.0) -> RewardTrainerGroup:
-        """Start W ranks and set them up together (rank 0 picks the rendezvous port)."""
-        actors = [RewardTrainer.options(name=f"{name_prefix}-{rank}", num_cpus=num_cpus)
+               name_prefix: str = "rm-trainer", num_cpus: float = 1.0,
+               num_gpus: float = 0.0) -> RewardTrainerGroup:
+        """Start W ranks and set them up together (rank 0 picks the rendezvous port). With
+        `num_gpus` > 0 each rank trains on its GPU and the group talks NCCL."""
+        actors = [RewardTrainer.options(name=f"{name_prefix}-{rank}", num_cpus=num_cpus,
+                                        num_gpus=num_gpus)
                   .remote(rank, world_size, model_spec, rm_cfg, seed)
                   for rank in range(world_size)]
         group = cls(actors, rm_cfg)

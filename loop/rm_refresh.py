@@ -116,7 +116,7 @@ class RMService:
                      f"DeepSpeed ZeRO-{cfg.rm.zero_stage}, {cfg.rm.ensemble.members} member(s)")
             self.group = RewardTrainerGroup.launch(
                 cfg.rm.trainers, cfg.models.reward, cfg.rm, cfg.campaign.seed,
-                num_cpus=cfg.resources.cpus_per_actor)
+                num_cpus=cfg.resources.cpus_per_actor, num_gpus=cfg.resources.gpus_per_actor)
         return self.group
 
     def reference_pairs(self) -> list[PreferencePair]:
