@@ -105,7 +105,7 @@ class PPOTrainer:
         self.engine = self.ref = self.tokenizer = self.kl = None
         self.rm = self.rm_tokenizer = self.rm_built_for = self.reward_fn = None
         self.rm_version: int | None = None
-        self.updates = 0
+        self.updates = self.published = 0
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's IP and a free port on it (asked of rank 0)."""
@@ -132,10 +132,11 @@ class PPOTrainer:
         return sum(p.numel() for p in params)
 
     def info(self) -> dict[str, int]:
-        """Rank, world size, ZeRO stage, torch threads."""
+        """Rank, world size, ZeRO stage, torch threads, updates done, last published version."""
         return {"rank": self.rank, "world_size": self.world_size,
                 "zero_stage": self.engine.zero_optimization_stage(),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "updates": self.updates,
+                "published": self.published}
 
     def set_reward_model(self, version: int, packed: PackedState, model_spec: ModelSpec) -> None:
         """Score with RM `version` from now on: the architecture of `model_spec` (K heads when
@@ -241,6 +242,7 @@ class PPOTrainer:
     def publish(self, version: int) -> ray.ObjectRef | None:
         """Rank 0: `ray.put(pack_state(policy state))` (ZeRO-3 parameters gathered on every
         rank first); other ranks: None."""
+        self.published = version
         with self._gathered():
             if self.rank != 0:
                 return None

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import ray
 import torch
-from actors.ppo_trainer import PPOTrainerGroup
 
 from actors.core.judges.gold import Scorer, score_all
 from actors.core.monitors import MonitorBatch, run_monitors
 from actors.core.sampling import RolloutBatch
 from actors.labeler import LabelerGroup
+from actors.ppo_trainer import PPOTrainerGroup
 from actors.rollout import RolloutGroup
 from loop.config import Config
 from loop.pairing import plan_pairs

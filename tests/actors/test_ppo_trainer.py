@@ -229,6 +229,7 @@ def test_publish_reaches_a_rollout_worker_with_identical_logits(trained, core, p
     try:
         before = rollout.logits(ids, mask)[0]
         weights = group.publish(1)
+        assert group.info()[0]["published"] == 1
         assert rollout.publish(1, weights) == weights
         assert rollout.versions() == [1]
         after = rollout.logits(ids, mask)[0]
