@@ -29,6 +29,19 @@ def ray_local():
     ray.shutdown()
 
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """pytest-playwright launches Debian's Chromium, headless (never a downloaded browser; see
+    ../shared/RECIPES.md). Browser tests use its `browser`/`page` fixtures: one Playwright per
+    session (a second sync Playwright inside the first one's event loop is refused)."""
+    return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real, offline data next to the checkout (../shared/data)."""

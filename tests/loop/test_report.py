@@ -260,22 +260,22 @@ def test_text_from_the_run_is_escaped(reported):
     assert "<td>&lt;b&gt;odd&lt;/b&gt;</td>" in text  # the alarm table
 
 
-def test_report_opens_in_chromium_with_every_plot_loaded_and_no_script_run(reported,
+def test_report_opens_in_chromium_with_every_plot_loaded_and_no_script_run(reported, browser,
                                                                            tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is not installed")
-    with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM,
-                                     args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(reported[1].resolve().as_uri())
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.goto(reported[1].resolve().as_uri(), wait_until="load", timeout=60_000)
+        page.wait_for_function("Array.from(document.images).every(i => i.complete)",
+                               timeout=60_000)
         images = page.evaluate("Array.from(document.images).map(i => "
                                "[i.complete, i.naturalWidth, i.naturalHeight])")
         pwned = page.evaluate("window.__pwned === undefined")
         title = page.title()
         page.screenshot(path=tmp_path / "report.png", full_page=True)
-        browser.close()
+    finally:
+        page.close()
     assert len(images) == 4
     assert all(done and w >= 800 and h >= 450 for done, w, h in images), images
     assert pwned is True
