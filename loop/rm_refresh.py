@@ -87,11 +87,6 @@ def rows_to_pairs(rows: Sequence[SnapshotRow], human_weight: float = 1.0
     return pairs, len(rows) - len(pairs)
 
 
-def snapshot_pairs(snap: Snapshot) -> tuple[list[PreferencePair], int]:
-    """Bradley–Terry pairs of a whole snapshot (winner first) and the number of ties."""
-    return rows_to_pairs(snap.rows)
-
-
 def weights_location(cfg: Config, run_dir: Path) -> str:
     """`storage.weights_uri`, else $PREFLOOP_WEIGHTS_URI, else `<run_dir>/weights`."""
     return cfg.storage.weights_uri or os.environ.get(WEIGHTS_ENV) or str(run_dir / "weights")
