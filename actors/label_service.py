@@ -2,16 +2,31 @@
 
 Each annotator is shown one comparison at a time, leased to it under its name. The service
 remembers which one; after a restart it reads it back from the ledger (`Ledger.leased_to`), so
-a page reload shows the comparison the annotator was looking at. Every label, skip and import
-call is audited (`ledger.audit`) with the sha256 of its body.
+a page reload shows the comparison the annotator was looking at. It reads the ledger once per
+annotator: from then on every lease the annotator holds was taken by this service, which
+remembers it (or that it was labeled or put aside). Every label, skip and import call is
+audited (`ledger.audit`) with the sha256 of its body.
+
+The `remaining` count that /api/next shows is the last ledger count, lowered by the comparisons
+this service leased since it was taken, and recounted in the background once it is
+`REMAINING_TTL_S` old (in the request when there is none yet, or no comparison was left to
+claim): exact for this service's own claims, about that long behind other processes' claims and
+leases that run out. /api/stats always counts.
+
+On SQLite the service's writes (claims, labels, audit rows) take turns on a lock of its own
+before `BEGIN IMMEDIATE`: SQLite's busy handler retries a refused write lock after sleeps of up
+to 100 ms, with no queue, so route threads that collided there waited up to seconds for a lock
+held a few milliseconds; on the Python lock they wake as soon as it is free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -30,6 +45,7 @@ from storage.models import utcnow
 from storage.records import Annotator, Claim, NewPreference
 
 _KEY = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+REMAINING_TTL_S = 1.0  # how long a ledger count of claimable comparisons is reused
 
 
 def _ledger_refusal(exc: LedgerError, what: str) -> ApiError:
@@ -54,7 +70,14 @@ class LabelService:
         self.bucket = TokenBucket(settings.rate_per_s, settings.burst)
         self._held: dict[str, Claim] = {}  # the comparison each annotator is looking at
         self._skipped: dict[str, set[int]] = {}  # put aside, still leased: not to show again
+        self._synced: set[str] = set()  # annotators whose leases were read from the ledger
         self._lock = threading.Lock()
+        self._leased = 0  # comparisons this service leased so far
+        # (monotonic time, claimable count, self._leased before counting): the last ledger count
+        self._count: tuple[float, int, int] | None = None
+        self._counting = False  # a background recount is running
+        sqlite = ledger.engine.dialect.name == "sqlite"
+        self._writing = threading.Lock() if sqlite else contextlib.nullcontext()
 
     def caller(self, authorization: str | None) -> Annotator:
         """The live annotator behind an `Authorization: Bearer` header, rate-limited."""
@@ -80,20 +103,23 @@ class LabelService:
 
     def audit(self, who: Annotator, what: str, raw: bytes) -> None:
         """Append an audit row with the sha256 of the request body."""
-        self.ledger.audit(who.name, what, hashlib.sha256(raw).hexdigest())
+        with self._writing:
+            self.ledger.audit(who.name, what, hashlib.sha256(raw).hexdigest())
 
     def _holding(self, who: Annotator) -> Claim | None:
-        """The comparison ``who`` is looking at: the remembered one, else (after a restart) its
-        latest live lease in the ledger that it did not put aside."""
+        """The comparison ``who`` is looking at: the remembered one, else (first time since a
+        restart) its latest live lease in the ledger that it did not put aside."""
         with self._lock:
             held = self._held.get(who.name)
             skipped = set(self._skipped.get(who.name, ()))
-        if held is not None:
+            synced = who.name in self._synced
+        if held is not None or synced:
             return held
         leases = self.ledger.leased_to(self.campaign, who.name)
         with self._lock:  # a skipped comparison whose lease ended may come back as new work
             if who.name in self._skipped:
                 self._skipped[who.name] &= {c.comparison_id for c in leases}
+            self._synced.add(who.name)
         shown = [c for c in leases if c.comparison_id not in skipped]
         return max(shown, key=lambda c: (c.expires_at, c.comparison_id), default=None)
 
@@ -101,8 +127,10 @@ class LabelService:
         """The comparison ``who`` holds if its lease has over half its time left, else a new one."""
         held = self._holding(who)
         fresh_until = utcnow() + timedelta(seconds=self.settings.lease_s / 2)
-        if held is None or held.expires_at < fresh_until:
-            claims = self.ledger.claim(self.campaign, who.name, 1, self.settings.lease_s)
+        claimed = held is None or held.expires_at < fresh_until
+        if claimed:
+            with self._writing:
+                claims = self.ledger.claim(self.campaign, who.name, 1, self.settings.lease_s)
             held = claims[0] if claims else None
         with self._lock:
             if held is None:
@@ -110,13 +138,49 @@ class LabelService:
             else:
                 self._held[who.name] = held
                 self._skipped.get(who.name, set()).discard(held.comparison_id)  # shown again
-        remaining = self.ledger.comparison_counts(self.campaign).pending
+                self._leased += int(claimed)
+        remaining = self._remaining(fresh=claimed and held is None)  # none left: count again
         if held is None:
             return {"comparison": None, "remaining": remaining}
         shown = {"id": held.comparison_id, "prompt": held.prompt, "response_a": held.text_a,
                  "response_b": held.text_b, "expires_at": held.expires_at.isoformat() + "Z",
                  "attempt": held.attempt}
         return {"comparison": shown, "remaining": remaining}
+
+    def _remaining(self, fresh: bool = False) -> int:
+        """Claimable comparisons: the last ledger count less what this service leased since it
+        was taken. A count over ``REMAINING_TTL_S`` old is refreshed in the background (one
+        thread at a time) while this answer uses it; with none yet, or ``fresh``, count now."""
+        with self._lock:
+            count, leased = self._count, self._leased
+            stale = count is None or time.monotonic() - count[0] >= REMAINING_TTL_S
+            background = stale and not fresh and count is not None and not self._counting
+            if background:
+                self._counting = True
+        if background:
+            threading.Thread(target=self._recount, args=(True,), name="label-remaining",
+                             daemon=True).start()
+        if fresh or count is None:
+            count = self._recount()
+            with self._lock:
+                leased = self._leased
+        return max(0, count[1] - (leased - count[2]))
+
+    def _recount(self, background: bool = False) -> tuple[float, int, int]:
+        """Count claimable comparisons in the ledger; keep the count unless a later one landed
+        first; return the one kept."""
+        try:
+            with self._lock:
+                started, leased = time.monotonic(), self._leased
+            pending = self.ledger.comparison_counts(self.campaign).pending
+            with self._lock:
+                if self._count is None or started >= self._count[0]:
+                    self._count = (started, pending, leased)
+                return self._count
+        finally:
+            if background:
+                with self._lock:
+                    self._counting = False
 
     def _let_go(self, who: Annotator, comparison_id: int) -> None:
         with self._lock:
@@ -135,7 +199,9 @@ class LabelService:
             pref = NewPreference(req.comparison_id, req.choice, "human", who.name,
                                  idempotency_key=f"label-api:{who.id}:{key}")
             try:
-                rec = self.ledger.record_preference(self.campaign, pref, lease_owner=who.name)
+                with self._writing:
+                    rec = self.ledger.record_preference(self.campaign, pref,
+                                                        lease_owner=who.name)
             except LedgerError as exc:
                 raise _ledger_refusal(exc, {
                     IdempotencyConflict: f"Idempotency-Key {key!r} was already used for a "
@@ -174,13 +240,16 @@ class LabelService:
             prefs = [NewPreference(x.comparison_id, x.choice, "human", x.annotator, x.strength)
                      for x in req.labels]
             try:
-                recs = self.ledger.record_preferences(self.campaign, prefs)
+                with self._writing:
+                    recs = self.ledger.record_preferences(self.campaign, prefs)
             except LedgerError as exc:
                 raise _ledger_refusal(exc, "") from None
         except ApiError as err:
             self.audit(who, f"{where} -> refused {err.status} {err.code}", raw)
             raise
         created = sum(r.created for r in recs)
+        with self._lock:  # imported labels may have taken claimable comparisons: count again
+            self._count = None
         self.audit(who, f"{where} labels={len(recs)} -> created {created}", raw)
         return {"created": created, "existing": len(recs) - created,
                 "preference_ids": [r.id for r in recs]}

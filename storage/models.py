@@ -137,7 +137,6 @@ class Comparison(Base):
             "(lease_owner IS NULL) = (lease_expires_at IS NULL)", name="lease_complete"
         ),
         CheckConstraint("lease_count >= 0", name="lease_count_nonneg"),
-        Index("ix_comparison_queue", "campaign_id", "status", "priority"),  # migration 0002
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -152,6 +151,27 @@ class Comparison(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     lease_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# Queue indexes (migration 0003), here rather than in ``__table_args__`` because ``.desc()`` needs
+# the mapped column. The claim order: a claim reads the first claimable rows instead of sorting
+# the pending ones. Leased rows only, in claim order: an owner's leases and the live-lease count.
+Index(
+    "ix_comparison_claim",
+    Comparison.campaign_id,
+    Comparison.status,
+    Comparison.priority.desc(),
+    Comparison.id,
+)
+Index(
+    "ix_comparison_lease",
+    Comparison.campaign_id,
+    Comparison.lease_owner,
+    Comparison.priority.desc(),
+    Comparison.id,
+    sqlite_where=text("lease_owner IS NOT NULL"),
+    postgresql_where=text("lease_owner IS NOT NULL"),
+)
 
 
 class Preference(Base):

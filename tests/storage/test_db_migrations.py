@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
 from storage import db
@@ -17,7 +17,7 @@ from storage.ledger import Ledger
 from storage.models import Base
 from storage.records import NewPreference
 
-HEAD = "0002_fact_guards"
+HEAD = "0003_queue_indexes"
 TABLES = {
     "annotator",
     "audit",
@@ -88,6 +88,44 @@ def test_models_match_the_migrations(db_url: str) -> None:
     with db.engine_for(db_url).connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def _plans(ledger: Ledger, call) -> list[str]:
+    """The query plans of the SELECTs on ``comparison`` that ``call()`` runs, as text (on
+    PostgreSQL with sequential scans and sorts priced out, so a plan shows whether an index
+    can serve the query: the test tables are too small for the planner to prefer one)."""
+    statements: list[tuple[str, object]] = []
+
+    def seen(_conn, _cursor, sql: str, params, _context, _many) -> None:
+        if sql.startswith("SELECT") and "FROM comparison" in sql:
+            statements.append((sql, params))
+
+    event.listen(ledger.engine, "before_cursor_execute", seen)
+    try:
+        call()
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", seen)
+    sqlite = ledger.engine.dialect.name == "sqlite"
+    plans = []
+    with ledger.engine.begin() as conn:
+        if not sqlite:
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            conn.exec_driver_sql("SET LOCAL enable_sort = off")
+        for sql, params in statements:
+            rows = conn.exec_driver_sql(f"EXPLAIN {'QUERY PLAN ' if sqlite else ''}{sql}", params)
+            plans.append("\n".join(str(row[-1] if sqlite else row[0]) for row in rows))
+    return plans
+
+
+def test_the_queue_indexes_serve_claim_and_leased_to_without_sorting(db_url: str, seed) -> None:
+    ledger = Ledger.open(db_url)
+    seed(ledger, "c1", 4, 4)
+    pick = _plans(ledger, lambda: ledger.claim("c1", "alice", 2, 60.0))[0]
+    assert "ix_comparison_claim" in pick, pick
+    assert "TEMP B-TREE" not in pick and "Sort" not in pick, pick
+    if ledger.engine.dialect.name == "sqlite":  # the PostgreSQL choice needs real statistics
+        (leases,) = _plans(ledger, lambda: ledger.leased_to("c1", "alice"))
+        assert "ix_comparison_lease" in leases and "TEMP B-TREE" not in leases, leases
 
 
 def test_resolve_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
