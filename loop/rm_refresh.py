@@ -3,13 +3,16 @@
     rm = RMService(cfg, ledger, run_dir, say)
     first = rm.refresh(ledger.snapshot(name), version=1)   # trains on the seed pairs
     ...                                                    # labels of the current policy arrive
-    later = rm.refresh(ledger.snapshot(name), version=2)   # warm start, fresh + replay, gate
+    later = rm.refresh(rm.snapshot(), version=2)           # warm start, fresh + replay, gate
     rm.serving.weights                                     # ObjectRef for the PPO trainer
     rm.shutdown()
 
-Every refresh trains on `ledger.snapshot(watermark)` split by `actors.core.refresh_split`:
+Every refresh trains on a ledger snapshot split by `actors.core.refresh_split`:
 the labels since the serving RM's snapshot (fresh) plus a bounded replay of older ones, minus a
-stable held-out share of fresh comparisons that no RM ever trains on. The candidate starts from
+stable held-out share of fresh comparisons that no RM ever trains on. `snapshot()` reads only a
+window of the ledger (the fresh labels and the last `rm.replay_window` trainable ones before
+them), recorded with the version, so a refresh costs the same at 1k or 100k labels and its
+training set still rebuilds from the ledger with its hash. The candidate starts from
 the serving RM's weights (a warm start with a fresh optimizer), is judged against the serving RM
 on the held-out fresh pairs (or, with too few of them, on the fixed reference set rm.eval_pairs),
 and is served only if it is not worse. Promoted or rejected, its weights go to the weight store
@@ -19,6 +22,7 @@ to the ledger, so "what did RM vM train on" is a ledger query.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -30,7 +34,12 @@ import ray
 from actors.core.bradley_terry import PairMetrics
 from actors.core.ensemble import load_reward_model
 from actors.core.hh import PreferencePair, load_hh_jsonl
-from actors.core.refresh_split import GateDecision, promotion_gate, split_refresh
+from actors.core.refresh_split import (
+    GateDecision,
+    older_trainable,
+    promotion_gate,
+    split_refresh,
+)
 from actors.core.weight_transport import pack_state
 from actors.reward_trainer import FitResult, RewardTrainerGroup
 from loop.config import Config
@@ -139,6 +148,25 @@ class RMService:
         self.say(f"serving RM v{found.version} restored from {found.weight_uri}")
         return self.serving
 
+    def snapshot(self) -> Snapshot:
+        """What the next refresh reads: the ledger's snapshot, windowed to the labels after the
+        serving RM's watermark plus the last `rm.replay_window` trainable ones before it, so a
+        refresh reads about the same number of rows however long the ledger grows (the whole
+        snapshot for the first RM). The split is the one the whole snapshot would give."""
+        if self.serving is None:
+            return self.ledger.snapshot(self.name)
+        rm, fresh_after = self.cfg.rm, self.serving.watermark
+        base = self._base_watermark(None)
+        wanted = math.ceil(rm.replay_window / (1.0 - rm.fresh_eval_fraction)) + 16
+        while True:
+            since = self.ledger.window_start(self.name, fresh_after, wanted)
+            snap = self.ledger.snapshot(self.name, since=since)
+            older = older_trainable(snap.rows, fresh_after, base, rm.fresh_eval_fraction,
+                                    self.cfg.campaign.seed)
+            if since == 0 or older >= rm.replay_window:
+                return snap
+            wanted *= 2  # more held-out rows in the window than expected: widen it
+
     def refresh(self, snap: Snapshot, version: int) -> RMRefresh:
         """Train candidate RM `version` on `snap`, gate it, publish and record it."""
         rm, serving = self.cfg.rm, self.serving
@@ -184,11 +212,15 @@ class RMService:
             raise ValueError(f"RM v{version}: the refresh has no pairs to train on (all ties?)")
         return group.fit(ray.put(pairs), bootstrap_seed=self.cfg.campaign.seed * 10007 + version)
 
-    def _base_watermark(self, snap: Snapshot) -> int:
-        """Watermark of the first RM's snapshot (labels after it may be held out)."""
+    def _base_watermark(self, snap: Snapshot | None) -> int:
+        """Watermark of the first RM's snapshot (labels after it may be held out); with no RM
+        yet, `snap`'s."""
         versions = self.ledger.model_versions(self.name, "rm")
         first = versions[0].snapshot if versions else None
-        return first.watermark if first is not None else snap.watermark
+        if first is not None:
+            return first.watermark
+        assert snap is not None, "no RM version yet: the first refresh's snapshot is needed"
+        return snap.watermark
 
     def _metrics(self, fit: dict[str, float], split, pairs: int, after: PairMetrics | None,
                  before: PairMetrics | None, gate_name: str) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Table, select, tuple_
+from sqlalchemy import Connection, Insert, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage import validate as v
@@ -183,14 +183,17 @@ def _comparison_row(c: NewComparison, i: int) -> dict[str, Any]:
 
 def _prompts_of(conn: Connection, campaign_id: int, rows: list[dict[str, Any]]) -> dict[int, int]:
     gen_ids = sorted({r[k] for r in rows for k in ("generation_a_id", "generation_b_id")})
+    # Two seeks by primary key: with the campaign filter joined in, SQLite's planner walked
+    # every prompt of the campaign per batch (linear in the ledger's size).
     prompt_of: dict[int, int] = {}
     for chunk in v.chunks(gen_ids):
-        query = (
-            select(Generation.id, Generation.prompt_id)
-            .join(Prompt, Prompt.id == Generation.prompt_id)
-            .where(Generation.id.in_(chunk), Prompt.campaign_id == campaign_id)
-        )
+        query = select(Generation.id, Generation.prompt_id).where(Generation.id.in_(chunk))
         prompt_of.update(dict(conn.execute(query).all()))
+    ours: set[int] = set()
+    for chunk in v.chunks(sorted(set(prompt_of.values()))):
+        query = select(Prompt.id).where(Prompt.id.in_(chunk), Prompt.campaign_id == campaign_id)
+        ours.update(conn.execute(query).scalars())
+    prompt_of = {g: p for g, p in prompt_of.items() if p in ours}
     for i, r in enumerate(rows):
         for field in ("generation_a_id", "generation_b_id"):
             if r[field] not in prompt_of:
@@ -222,17 +225,20 @@ def add_comparisons(
     if not rows:
         return []
     prompt_of = _prompts_of(conn, campaign_id, rows)
-    pairs = sorted({(r["generation_a_id"], r["generation_b_id"]) for r in rows})
+    pairs = {(r["generation_a_id"], r["generation_b_id"]) for r in rows}
     known: dict[tuple[int, int], tuple[int, str]] = {}
-    pair_col = tuple_(Comparison.generation_a_id, Comparison.generation_b_id)
-    for chunk in v.chunks(pairs):
+    # Looked up by generation_a_id, the unique (a, b) index's prefix: a row-value IN over
+    # (a, b) made SQLite scan the whole index per batch, so adding comparisons slowed down
+    # linearly with the ledger's size.
+    for chunk in v.chunks(sorted({a for a, _ in pairs})):
         query = select(
             Comparison.generation_a_id,
             Comparison.generation_b_id,
             Comparison.id,
             Comparison.selection,
-        ).where(pair_col.in_(chunk))
-        known.update({(a, b): (cid, sel) for a, b, cid, sel in conn.execute(query)})
+        ).where(Comparison.generation_a_id.in_(chunk))
+        known.update({(a, b): (cid, sel) for a, b, cid, sel in conn.execute(query)
+                      if (a, b) in pairs})
     now, fresh = utcnow(), {}
     for r in rows:
         pair = (r["generation_a_id"], r["generation_b_id"])

@@ -28,6 +28,7 @@ from storage import content, labels, pairs, people, queue, registry, reports, sn
 from storage.db import engine_for, read_tx, row_counts, upgrade, write_tx
 from storage.errors import LedgerError, SnapshotMismatch
 from storage.models import utcnow
+from storage.people import QuarantineRow
 from storage.records import (
     TRAINING_KINDS,
     Annotator,
@@ -231,11 +232,14 @@ class Ledger:
         campaign: str,
         watermark: int | None = None,
         kinds: Sequence[str] = TRAINING_KINDS,
+        since: int = 0,
     ) -> Snapshot:
-        """The training set at ``watermark`` (default: the current one), with its sha256.
+        """The training set at ``watermark`` (default: the current one), with its sha256;
+        given ``since``, only its preferences after that id (see `window_start`).
 
         Raises:
             WatermarkAhead: ``watermark`` is beyond the highest committed preference id.
+            InvalidInput: ``since`` is negative or beyond the watermark.
         """
         kinds = snapshots.check_kinds(kinds)
         with self._reading() as conn:  # short: on PostgreSQL it waits for open inserts
@@ -244,7 +248,21 @@ class Ledger:
         if watermark is not None:
             mark = snapshots.check_watermark(watermark, safe)
         with self._reading() as conn:
-            return snapshots.snapshot_rows(conn, campaign, self._cid(conn, campaign), mark, kinds)
+            return snapshots.snapshot_rows(
+                conn, campaign, self._cid(conn, campaign), mark, kinds, since
+            )
+
+    def window_start(
+        self,
+        campaign: str,
+        before: int,
+        rows: int,
+        kinds: Sequence[str] = TRAINING_KINDS,
+    ) -> int:
+        """The ``since`` that makes a snapshot hold the last ``rows`` effective preferences at or
+        below id ``before`` and everything after it (0: there are no more than ``rows``)."""
+        kinds = snapshots.check_kinds(kinds)
+        return self._read(campaign, snapshots.window_start, before, rows, kinds)
 
     # -- model versions ---------------------------------------------------------------------
 
@@ -301,10 +319,11 @@ class Ledger:
         """
         ref = self.model_version(campaign, "rm", rm_version).snapshot
         assert ref is not None, "the schema requires a snapshot on every rm version"
-        snap = self.snapshot(campaign, ref.watermark, ref.kinds)
+        snap = self.snapshot(campaign, ref.watermark, ref.kinds, ref.since)
         if snap.sha256 != ref.sha256:
             raise SnapshotMismatch(
-                f"rm version {rm_version}: snapshot at watermark {ref.watermark} hashes to "
+                f"rm version {rm_version}: snapshot at watermark {ref.watermark} (after "
+                f"preference {ref.since}) hashes to "
                 f"{snap.sha256}, recorded {ref.sha256}"
             )
         return snap
@@ -323,6 +342,29 @@ class Ledger:
     def revoke_annotator(self, name: str) -> Annotator:
         """Revoke an annotator's token."""
         return self._write(people.revoke_annotator, name, utcnow())
+
+    def quarantine(
+        self,
+        campaign: str,
+        labeler_id: str,
+        reason: str,
+        evidence: Mapping[str, Any] | None = None,
+    ) -> QuarantineRow:
+        """Leave ``labeler_id``'s preferences out of RM training (an append-only fact).
+
+        Snapshots above the current watermark drop all of its preferences; snapshots at or
+        below it, and so every recorded RM version's training set, are unchanged. Idempotent:
+        quarantining a labeler again returns the first row. Independent of ``revoke_annotator``
+        (which stops new labels).
+        """
+        now = utcnow()
+        return self._in_campaign(
+            campaign, people.quarantine, labeler_id, reason, evidence or {}, now
+        )[0]
+
+    def quarantines(self, campaign: str) -> list[QuarantineRow]:
+        """The campaign's quarantined labelers, oldest first."""
+        return self._read(campaign, people.quarantines)
 
     def list_annotators(self) -> list[Annotator]:
         """All annotators, revoked ones included."""

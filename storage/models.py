@@ -1,9 +1,9 @@
 """SQLAlchemy 2.0 tables of the preference ledger.
 
-Facts (generations, preferences, model versions and their status events, metrics, audit rows) are
-append-only: the ledger API never updates or deletes them and migration ``0002`` adds database
-triggers that refuse UPDATE/DELETE. Work-queue state (a comparison's status and lease) and an
-annotator's revocation are the only mutable columns.
+Facts (generations, preferences, model versions and their status events, metrics, audit rows,
+quarantines) are append-only: the ledger API never updates or deletes them and migrations
+``0002``/``0004`` add database triggers that refuse UPDATE/DELETE. Work-queue state (a
+comparison's status and lease) and an annotator's revocation are the only mutable columns.
 
 Natural keys are unique constraints; composite foreign keys make "both generations of a comparison
 belong to its prompt, and the prompt to its campaign" a database invariant, not just an API check.
@@ -245,6 +245,8 @@ class ModelVersion(Base):
     weight_uri: Mapped[str | None] = mapped_column(String(1000))
     snapshot_watermark: Mapped[int | None] = mapped_column(Integer)
     snapshot_hash: Mapped[str | None] = mapped_column(String(64))
+    # the snapshot's window: preferences with snapshot_since < id <= snapshot_watermark (0: all)
+    snapshot_since: Mapped[int] = mapped_column(Integer, server_default="0")
     training_kinds: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
@@ -296,7 +298,33 @@ class Audit(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-#: Fact tables: UPDATE and DELETE are refused by triggers (migration 0002).
+class Quarantine(Base):
+    """A labeler quarantined from RM training in a campaign (migration 0004); append-only.
+
+    ``watermark`` is the highest preference id when the quarantine was recorded: snapshots at a
+    higher watermark leave out every preference of ``labeler_id`` (earlier ones included), and
+    snapshots at or below it, the only ones that could have been taken before, keep them, so
+    the training set of every RM version already recorded rebuilds with the same hash.
+    """
+
+    __tablename__ = "quarantine"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "labeler_id"),
+        CheckConstraint("labeler_id <> ''", name="labeler_id_nonempty"),
+        CheckConstraint("reason <> ''", name="reason_nonempty"),
+        CheckConstraint("watermark >= 0", name="watermark_nonneg"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaign.id"))
+    labeler_id: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSON)
+    watermark: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+#: Fact tables: UPDATE and DELETE are refused by triggers (migrations 0002 and 0004).
 FACT_TABLES = (
     "generation",
     "preference",
@@ -304,4 +332,5 @@ FACT_TABLES = (
     "model_version_event",
     "metric",
     "audit",
+    "quarantine",
 )

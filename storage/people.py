@@ -1,7 +1,9 @@
-"""Annotators (label-API tokens), the audit trail, and metrics.
+"""Annotators (label-API tokens), quarantines, the audit trail, and metrics.
 
 Tokens are ``secrets.token_urlsafe(32)`` (256 bits); only their sha256 is stored, and the token
-is returned once, at creation.
+is returned once, at creation. Revoking a token stops new labels; a quarantine (an append-only
+fact, per campaign and labeler id: AI labelers too) takes the labeler's preferences out of RM
+training from the next snapshot on (see ``storage.snapshots``). The two are independent.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,9 +21,10 @@ from sqlalchemy import Connection, select, update
 
 from storage import validate as v
 from storage.errors import InvalidInput, UnknownId
-from storage.models import ROLES, Audit, Metric
+from storage.models import ROLES, Audit, Metric, Quarantine
 from storage.models import Annotator as AnnotatorRow
 from storage.records import Annotator, AuditRow, MetricRow
+from storage.snapshots import safe_max_id
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _NO_MATCH = "0" * 64
@@ -33,6 +37,28 @@ def _token_hash(token: str) -> str:
 _ANNOTATOR = AnnotatorRow.__table__
 _AUDIT = Audit.__table__
 _METRIC = Metric.__table__
+_QUARANTINE = Quarantine.__table__
+
+
+@dataclass(frozen=True)
+class QuarantineRow:
+    """A labeler left out of RM training: snapshots above ``watermark`` drop its preferences.
+
+    Attributes:
+        id: Row id.
+        labeler_id: The preferences' ``labeler_id`` (annotator name or AI labeler name).
+        reason: Why, in one line (e.g. the audit's verdict).
+        evidence: The numbers behind it (JSON object), e.g. disagreement rates and p-value.
+        watermark: Highest preference id when it was recorded.
+        created_at: When (naive UTC).
+    """
+
+    id: int
+    labeler_id: str
+    reason: str
+    evidence: Mapping[str, Any]
+    watermark: int
+    created_at: datetime
 
 
 def _annotator(row: Any) -> Annotator:
@@ -85,6 +111,54 @@ def list_annotators(conn: Connection) -> list[Annotator]:
     """Every annotator, revoked ones included, by id."""
     rows = conn.execute(select(_ANNOTATOR).order_by(_ANNOTATOR.c.id))
     return [_annotator(row) for row in rows]
+
+
+def _quarantine(row: Any) -> QuarantineRow:
+    return QuarantineRow(
+        row.id, row.labeler_id, row.reason, row.evidence, row.watermark, row.created_at
+    )
+
+
+def quarantine(
+    conn: Connection,
+    campaign_id: int,
+    labeler_id: str,
+    reason: str,
+    evidence: Mapping[str, Any],
+    now: datetime,
+) -> tuple[QuarantineRow, bool]:
+    """Quarantine ``labeler_id`` in the campaign; returns the row and whether it is new.
+
+    Idempotent: a second quarantine of the same labeler returns the first row (its reason,
+    evidence and watermark are kept). The watermark is read under the same lock as a
+    snapshot's (``safe_max_id``), so no snapshot taken before can be above it.
+    """
+    v.name(labeler_id, "quarantine", "labeler_id")
+    v.text(reason, "quarantine", "reason", 10_000)
+    if not isinstance(evidence, Mapping):
+        raise v.fail("quarantine", "evidence", "a JSON object (mapping)", evidence)
+    evidence = v.json_object(evidence, "quarantine", "evidence")
+    mine = (_QUARANTINE.c.campaign_id == campaign_id) & (_QUARANTINE.c.labeler_id == labeler_id)
+    found = conn.execute(select(_QUARANTINE).where(mine)).first()
+    if found is not None:
+        return _quarantine(found), False
+    conn.execute(
+        _QUARANTINE.insert().values(
+            campaign_id=campaign_id,
+            labeler_id=labeler_id,
+            reason=reason,
+            evidence=evidence,
+            watermark=safe_max_id(conn),
+            created_at=now,
+        )
+    )
+    return _quarantine(conn.execute(select(_QUARANTINE).where(mine)).one()), True
+
+
+def quarantines(conn: Connection, campaign_id: int) -> list[QuarantineRow]:
+    """The campaign's quarantines, oldest first."""
+    query = select(_QUARANTINE).where(_QUARANTINE.c.campaign_id == campaign_id)
+    return [_quarantine(row) for row in conn.execute(query.order_by(_QUARANTINE.c.id))]
 
 
 def add_audit(conn: Connection, who: str, what: str, request_hash: str, now: datetime) -> int:

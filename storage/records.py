@@ -163,27 +163,32 @@ class SnapshotRow:
 
 @dataclass(frozen=True)
 class SnapshotRef:
-    """What identifies a training set: campaign, watermark, labeler kinds, and its sha256."""
+    """What identifies a training set: campaign, watermark, labeler kinds, its sha256, and the
+    preference id it starts after (0: the campaign's first preference)."""
 
     watermark: int
     sha256: str
     kinds: tuple[str, ...] = TRAINING_KINDS
+    since: int = 0
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The training set at a watermark: effective preferences with id <= watermark, by id."""
+    """The training set at a watermark: effective preferences with since < id <= watermark, by
+    id (``since`` 0: all of them; a window keeps what an RM refresh reads bounded)."""
 
     campaign: str
     watermark: int
     kinds: tuple[str, ...]
     rows: tuple[SnapshotRow, ...]
     sha256: str
+    since: int = 0
 
     @property
     def ref(self) -> SnapshotRef:
         """The small, picklable identity of this snapshot (store it with the RM version)."""
-        return SnapshotRef(watermark=self.watermark, sha256=self.sha256, kinds=self.kinds)
+        return SnapshotRef(watermark=self.watermark, sha256=self.sha256, kinds=self.kinds,
+                           since=self.since)
 
 
 @dataclass(frozen=True)

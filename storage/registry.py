@@ -60,7 +60,7 @@ def _records(
         ref = None
         if mv.snapshot_watermark is not None and mv.snapshot_hash is not None:
             kinds = tuple((mv.training_kinds or "").split(",")) if mv.training_kinds else ()
-            ref = SnapshotRef(mv.snapshot_watermark, mv.snapshot_hash, kinds)
+            ref = SnapshotRef(mv.snapshot_watermark, mv.snapshot_hash, kinds, mv.snapshot_since)
         out.append(
             ModelVersionRecord(
                 id=mv.id,
@@ -110,6 +110,7 @@ _COMPARED = (
     "parent_id",
     "snapshot_watermark",
     "snapshot_hash",
+    "snapshot_since",
     "training_kinds",
 )
 
@@ -136,6 +137,7 @@ def _values(
         "weight_uri": weight_uri,
         "snapshot_watermark": None,
         "snapshot_hash": None,
+        "snapshot_since": 0,
         "training_kinds": None,
     }
     if snapshot is not None:
@@ -143,6 +145,10 @@ def _values(
             raise v.fail(where, "snapshot.sha256", "64 lowercase hex characters", snapshot.sha256)
         values["snapshot_watermark"] = v.nonneg_int(snapshot.watermark, where, "watermark")
         values["snapshot_hash"] = snapshot.sha256
+        values["snapshot_since"] = v.nonneg_int(snapshot.since, where, "since")
+        if snapshot.since > snapshot.watermark:
+            raise v.fail(where, "snapshot.since", f"<= the watermark {snapshot.watermark}",
+                         snapshot.since)
         values["training_kinds"] = ",".join(check_kinds(snapshot.kinds))
     return values
 

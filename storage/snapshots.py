@@ -9,6 +9,11 @@ PostgreSQL allocates ids before commit, so a transaction holding id 7 may commit
 holding id 8. ``safe_max_id`` therefore takes ``LOCK TABLE preference IN SHARE MODE``, which
 waits for every in-flight inserter: afterwards no id at or below the maximum can still appear.
 SQLite serializes writers, so its maximum id is always safe.
+
+Quarantined labelers (``storage.people.quarantine``) are left out of every snapshot above the
+quarantine's watermark, all of their preferences at once. A quarantine's watermark is the
+highest preference id when it was recorded, so every snapshot that could have been taken (and
+pinned by an RM version) before it keeps its rows and its hash.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from sqlalchemy.orm import aliased
 
 from storage import validate as v
 from storage.errors import WatermarkAhead
-from storage.models import LABELER_KINDS, Comparison, Generation, Preference, Prompt
+from storage.models import (
+    LABELER_KINDS,
+    Comparison,
+    Generation,
+    Preference,
+    Prompt,
+    Quarantine,
+)
 from storage.records import Snapshot, SnapshotRow
 
 
@@ -61,11 +73,19 @@ def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(sorted(set(kinds)))
 
 
-def effective_query(campaign_id: int, watermark: int, kinds: tuple[str, ...]) -> Select[Any]:
-    """The effective preferences of a campaign at a watermark, with texts, in id order."""
+def effective_query(
+    campaign_id: int, watermark: int, kinds: tuple[str, ...], since: int = 0
+) -> Select[Any]:
+    """The effective preferences of a campaign at a watermark, with texts, in id order (without
+    the preferences of labelers quarantined below the watermark)."""
     later = aliased(Preference)
     gen_a, gen_b = aliased(Generation), aliased(Generation)
     superseded = exists().where(and_(later.supersedes_id == Preference.id, later.id <= watermark))
+    quarantined = exists().where(
+        Quarantine.campaign_id == campaign_id,
+        Quarantine.labeler_id == Preference.labeler_id,
+        Quarantine.watermark < watermark,
+    )
     return (
         select(
             Preference.id,
@@ -90,20 +110,30 @@ def effective_query(campaign_id: int, watermark: int, kinds: tuple[str, ...]) ->
         .where(
             Comparison.campaign_id == campaign_id,
             Preference.id <= watermark,
+            Preference.id > since,
             Preference.labeler_kind.in_(kinds),
             ~superseded,
+            ~quarantined,
         )
         .order_by(Preference.id)
     )
 
 
 def snapshot_rows(
-    conn: Connection, campaign: str, campaign_id: int, watermark: int, kinds: tuple[str, ...]
+    conn: Connection,
+    campaign: str,
+    campaign_id: int,
+    watermark: int,
+    kinds: tuple[str, ...],
+    since: int = 0,
 ) -> Snapshot:
-    """Read the snapshot at a (safe) watermark and hash it."""
+    """Read the snapshot at a (safe) watermark, after preference id ``since``, and hash it."""
+    v.nonneg_int(since, "snapshot", "since")
+    if since > watermark:
+        raise v.fail("snapshot", "since", f"<= the watermark {watermark}", since)
     digest = hashlib.sha256()
     rows: list[SnapshotRow] = []
-    for values in conn.execute(effective_query(campaign_id, watermark, kinds)):
+    for values in conn.execute(effective_query(campaign_id, watermark, kinds, since)):
         row = SnapshotRow(*values)
         digest.update(v.canonical_json(list(values)).encode("utf-8") + b"\n")
         rows.append(row)
@@ -113,4 +143,22 @@ def snapshot_rows(
         kinds=kinds,
         rows=tuple(rows),
         sha256=digest.hexdigest(),
+        since=since,
     )
+
+
+def window_start(
+    conn: Connection, campaign_id: int, before: int, rows: int, kinds: tuple[str, ...]
+) -> int:
+    """The ``since`` of a window holding the last ``rows`` effective preferences at or below
+    ``before`` (0 when there are no more than that): the id of the next older one."""
+    v.nonneg_int(rows, "window_start", "rows")
+    query = (
+        effective_query(campaign_id, before, kinds)
+        .with_only_columns(Preference.id)
+        .order_by(None)
+        .order_by(Preference.id.desc())
+        .offset(rows)
+        .limit(1)
+    )
+    return conn.execute(query).scalar() or 0

@@ -110,6 +110,15 @@ def split_refresh(rows: Sequence[LabelRow], fresh_after: int, base_watermark: in
                         replay=len(replay))
 
 
+def older_trainable(rows: Sequence[LabelRow], fresh_after: int, base_watermark: int,
+                    eval_fraction: float, seed: int) -> int:
+    """How many rows a replay could draw from: at or below `fresh_after` and not held out
+    (`split_refresh` replays from the last `replay_window` of them)."""
+    return sum(1 for r in rows if r.preference_id <= fresh_after
+               and not (r.preference_id > base_watermark
+                        and held_out(r.comparison_id, seed, eval_fraction)))
+
+
 @dataclass(frozen=True)
 class GateDecision:
     """The promotion gate's verdict on a candidate RM.

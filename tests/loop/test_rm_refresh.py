@@ -13,9 +13,10 @@ import ray
 import torch
 
 from actors.core.hh import PreferencePair
+from actors.core.refresh_split import older_trainable, split_refresh
 from actors.core.weight_transport import pack_state, unpack_state
 from loop.config_load import load_config
-from loop.rm_refresh import RMService
+from loop.rm_refresh import RMService, ServingRM
 from loop.seed import seed_pairs
 from storage.ledger import Ledger
 
@@ -96,3 +97,42 @@ def test_gate_rejects_a_corrupted_candidate_and_keeps_serving_the_old_rm(ray_loc
     assert restored.restore_serving().version == 3
     state = unpack_state(ray.get(restored.serving.weights))
     assert torch.isfinite(state["head.weight"]).all()
+
+
+def _split_ids(snap, fresh_after, base, cfg, version):
+    rm = cfg.rm
+    split = split_refresh(snap.rows, fresh_after, base, rm.replay_fraction, rm.replay_window,
+                          rm.fresh_eval_fraction, cfg.campaign.seed, version)
+    ids = [r.preference_id for r in snap.rows]
+    return ([ids[i] for i in split.train], [ids[i] for i in split.fresh_eval], split.fresh,
+            split.replay)
+
+
+def test_a_refresh_reads_a_window_that_splits_like_the_whole_snapshot(tmp_path):
+    """`RMService.snapshot()` reads the fresh labels and the replay window only, and the
+    refresh's training and test sets are the ones the whole snapshot gives."""
+    cfg = load_config("configs/tiny.yaml", [*OVERRIDES, "rm.replay_window=40",
+                                            f"campaign.run_dir={tmp_path}"])
+    ledger = Ledger.open(f"sqlite:///{tmp_path}/ledger.sqlite")
+    ledger.ensure_campaign("gate")
+    seed_pairs(ledger, "gate", synthetic_pairs(0, 50), source="s1")
+    first = ledger.snapshot("gate")  # RM v1's training set: ids 1..50
+    ledger.record_model_version("gate", "rm", 1, snapshot=first.ref)
+    seed_pairs(ledger, "gate", synthetic_pairs(50, 250), source="s2")
+    served = ledger.snapshot("gate")  # RM v2 trained at 300: ids 51..300 held out partly
+    ledger.record_model_version("gate", "rm", 2, snapshot=served.ref, parent_version=1)
+    seed_pairs(ledger, "gate", synthetic_pairs(300, 30), source="s3")  # fresh: 301..330
+
+    service = RMService(cfg, ledger, tmp_path, lambda line: None)
+    service.serving = ServingRM(2, served.watermark, weights=None)
+    window = service.snapshot()
+    whole = ledger.snapshot("gate")
+    assert 0 < window.since < 300 - 40 and len(window.rows) < len(whole.rows) / 2
+    assert window.watermark == whole.watermark == 330
+    assert _split_ids(window, 300, 50, cfg, 3) == _split_ids(whole, 300, 50, cfg, 3)
+    train, _, fresh, replay = _split_ids(window, 300, 50, cfg, 3)
+    assert replay == fresh and min(train) > window.since  # replay drawn from the window
+    assert older_trainable(window.rows, 300, 50, 0.3, cfg.campaign.seed) >= 40
+
+    no_rm_yet = RMService(cfg, ledger, tmp_path, lambda line: None)
+    assert no_rm_yet.snapshot().since == 0  # the first RM reads everything

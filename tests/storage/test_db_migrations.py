@@ -17,7 +17,7 @@ from storage.ledger import Ledger
 from storage.models import Base
 from storage.records import NewPreference
 
-HEAD = "0003_queue_indexes"
+HEAD = "0005_snapshot_window"
 TABLES = {
     "annotator",
     "audit",
@@ -29,6 +29,7 @@ TABLES = {
     "model_version_event",
     "preference",
     "prompt",
+    "quarantine",
 }
 TOUCH = text("UPDATE preference SET choice = choice")  # a no-op UPDATE, refused by the guard
 
@@ -41,6 +42,7 @@ def _populate(url: str, seed) -> dict[str, int]:
     ledger.add_annotator("alice")
     ledger.log_metrics("c1", 0, {"rm/acc": 0.5})
     ledger.audit("alice", "label", hashlib.sha256(b"").hexdigest())
+    ledger.quarantine("c1", "j", "audit: disagrees with the other labelers")
     return ledger.row_counts()
 
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import threading
 import time
-from dataclasses import astuple
+from dataclasses import astuple, replace
 
 import pytest
 from sqlalchemy import text
@@ -123,3 +123,38 @@ def test_postgres_watermark_waits_for_uncommitted_inserts(pg_fresh_url: str, see
         conn.commit()
     waiter.join(timeout=10)
     assert seen == [slow_id] == [2]
+
+
+def test_a_window_is_the_tail_of_the_snapshot_and_pins_its_rm_version(ledger: Ledger,
+                                                                      seed) -> None:
+    _label_fixture(ledger, seed)  # effective training rows: preference ids 1..8
+    full = ledger.snapshot("c1")
+    # the last 3 effective rows at or below id 6 are 4, 5, 6: the window starts after 3
+    assert ledger.window_start("c1", before=6, rows=3) == 3
+    assert ledger.window_start("c1", before=6, rows=6) == 0  # no more than 6 rows: everything
+    assert ledger.window_start("c1", before=8, rows=0) == 8
+    window = ledger.snapshot("c1", since=3)
+    assert (window.watermark, window.since) == (full.watermark, 3)
+    assert window.rows == tuple(r for r in full.rows if r.preference_id > 3)
+    assert window.sha256 == _reference_sha256(window) != full.sha256
+    assert ledger.snapshot("c1", since=0).sha256 == full.sha256 == GOLDEN_SHA256
+
+    rm = ledger.record_model_version("c1", "rm", 1, snapshot=window.ref)
+    assert (rm.snapshot.since, rm.snapshot.watermark) == (3, 9)
+    rebuilt = ledger.training_set("c1", 1)
+    assert (rebuilt.since, rebuilt.sha256, rebuilt.rows) == (3, window.sha256, window.rows)
+    with pytest.raises(InvalidInput, match="since"):
+        ledger.snapshot("c1", watermark=5, since=6)
+    with pytest.raises(InvalidInput, match="since"):
+        ledger.record_model_version("c1", "rm", 2, snapshot=replace(window.ref, since=10))
+
+
+def test_window_start_counts_effective_rows_only(ledger: Ledger, seed) -> None:
+    comparisons = _label_fixture(ledger, seed)
+    # a correction (id 10) supersedes row 5: at or below 10 the effective rows are
+    # 1..4, 6..8, 10; the last 3 of them are 7, 8, 10
+    ledger.record_preference(
+        "c1", NewPreference(comparisons[4], "a", "ai", "judge", supersedes=5))
+    assert ledger.window_start("c1", before=10, rows=3) == 6
+    assert ledger.window_start("c1", before=10, rows=4) == 4  # 6, 7, 8, 10; row 5 is not one
+    assert ledger.window_start("c1", before=10, rows=3, kinds=["human"]) == 0  # 7, 8 only
