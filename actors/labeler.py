@@ -44,6 +44,8 @@ from storage.ledger import Ledger
 from storage.records import Claim, NewPreference
 
 if TYPE_CHECKING:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from loop.config import LabelingConfig
 
 MAX_WINDOW = 1024
@@ -189,19 +191,26 @@ class LabelerGroup:
     @classmethod
     def launch(cls, cfg: LabelingConfig, ledger_url: str, campaign: str, judge: Judge, *,
                name_prefix: str = "labeler", batch_size: int = 16, num_cpus: float = 0.5,
-               max_restarts: int = 0) -> LabelerGroup:
+               max_restarts: int = 0,
+               scheduling: Sequence[PlacementGroupSchedulingStrategy] | None = None
+               ) -> LabelerGroup:
         """Start ``cfg.labelers`` labelers that share ``judge`` (each gets a copy).
 
         ``max_restarts`` also bounds retries of a `label` call on a restarted actor, which is
         safe: leases and idempotent writes make a retried call label nothing twice.
+        ``scheduling`` gives labeler i its placement-group bundle (`loop.placement`); None
+        lets Ray place them.
         """
         names = [f"{name_prefix}-{i}" for i in range(cfg.labelers)]
+        places = [None] * len(names) if scheduling is None else list(scheduling)
+        if len(places) != len(names):
+            raise ValueError(f"{len(places)} scheduling strategies for {len(names)} labelers")
         judge_ref = ray.put(judge)
         actors = [Labeler.options(name=name, num_cpus=num_cpus, max_restarts=max_restarts,
-                                  max_task_retries=max_restarts)
+                                  max_task_retries=max_restarts, scheduling_strategy=place)
                   .remote(name, ledger_url, campaign, judge_ref, cfg.selection,
                           cfg.lease_seconds, batch_size)
-                  for name in names]
+                  for name, place in zip(names, places, strict=True)]
         return cls(actors, names)
 
     def label(self, max_items: int, disagreement: Mapping[int, float] | None = None

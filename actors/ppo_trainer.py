@@ -50,6 +50,8 @@ from actors.core.weight_transport import PackedState, pack_state, unpack_state
 from actors.dist import deepspeed_config, pick_free_port, rank_chunk, set_dist_env
 
 if TYPE_CHECKING:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from loop.config import Config, ModelSpec, PPOConfig
 
 RewardFn = Callable[[RolloutBatch], torch.Tensor]
@@ -297,11 +299,19 @@ class PPOTrainerGroup:
     @classmethod
     def launch(cls, world_size: int, policy_spec: ModelSpec, ppo_cfg: PPOConfig,
                ensemble: EnsembleSettings, seed: int, reward_spec: ModelSpec | None = None,
-               name_prefix: str = "ppo-trainer", num_cpus: float = 1.0) -> PPOTrainerGroup:
-        """Start W ranks and set them up together (rank 0 picks the rendezvous port)."""
-        actors = [PPOTrainer.options(name=f"{name_prefix}-{rank}", num_cpus=num_cpus)
+               name_prefix: str = "ppo-trainer", num_cpus: float = 1.0,
+               scheduling: Sequence[PlacementGroupSchedulingStrategy] | None = None
+               ) -> PPOTrainerGroup:
+        """Start W ranks and set them up together (rank 0 picks the rendezvous port).
+        `scheduling` gives rank i its placement-group bundle (`loop.placement`); None lets Ray
+        place them."""
+        places = [None] * world_size if scheduling is None else list(scheduling)
+        if len(places) != world_size:
+            raise ValueError(f"{len(places)} scheduling strategies for {world_size} ranks")
+        actors = [PPOTrainer.options(name=f"{name_prefix}-{rank}", num_cpus=num_cpus,
+                                     scheduling_strategy=place)
                   .remote(rank, world_size, policy_spec, ppo_cfg, ensemble, seed, reward_spec)
-                  for rank in range(world_size)]
+                  for rank, place in enumerate(places)]
         group = cls(actors, ensemble, reward_spec)
         try:
             addr, port = ray.get(actors[0].rendezvous.remote())
@@ -313,11 +323,14 @@ class PPOTrainerGroup:
 
     @classmethod
     def from_config(cls, cfg: Config, num_cpus: float = 1.0, world_size: int = 1,
-                    name_prefix: str = "ppo-trainer") -> PPOTrainerGroup:
+                    name_prefix: str = "ppo-trainer",
+                    scheduling: Sequence[PlacementGroupSchedulingStrategy] | None = None
+                    ) -> PPOTrainerGroup:
         """`launch` with the campaign's sections: models.policy, ppo, rm.ensemble,
         models.reward, campaign.seed."""
         return cls.launch(world_size, cfg.models.policy, cfg.ppo, cfg.rm.ensemble,
-                          cfg.campaign.seed, cfg.models.reward, name_prefix, num_cpus)
+                          cfg.campaign.seed, cfg.models.reward, name_prefix, num_cpus,
+                          scheduling)
 
     def info(self) -> list[dict[str, int]]:
         """Each rank's `info()`."""

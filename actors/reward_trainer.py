@@ -44,6 +44,8 @@ from actors.dist import (
 )
 
 if TYPE_CHECKING:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from loop.config import ModelSpec, RMConfig
 
 
@@ -277,13 +279,19 @@ class RewardTrainerGroup:
     @classmethod
     def launch(cls, world_size: int, model_spec: ModelSpec, rm_cfg: RMConfig, seed: int,
                name_prefix: str = "rm-trainer", num_cpus: float = 1.0,
-               num_gpus: float = 0.0) -> RewardTrainerGroup:
+               num_gpus: float = 0.0,
+               scheduling: Sequence[PlacementGroupSchedulingStrategy] | None = None
+               ) -> RewardTrainerGroup:
         """Start W ranks and set them up together (rank 0 picks the rendezvous port). With
-        `num_gpus` > 0 each rank trains on its GPU and the group talks NCCL."""
+        `num_gpus` > 0 each rank trains on its GPU and the group talks NCCL. `scheduling`
+        gives rank i its placement-group bundle (`loop.placement`); None lets Ray place them."""
+        places = [None] * world_size if scheduling is None else list(scheduling)
+        if len(places) != world_size:
+            raise ValueError(f"{len(places)} scheduling strategies for {world_size} ranks")
         actors = [RewardTrainer.options(name=f"{name_prefix}-{rank}", num_cpus=num_cpus,
-                                        num_gpus=num_gpus)
+                                        num_gpus=num_gpus, scheduling_strategy=place)
                   .remote(rank, world_size, model_spec, rm_cfg, seed)
-                  for rank in range(world_size)]
+                  for rank, place in enumerate(places)]
         group = cls(actors, rm_cfg)
         try:
             addr, port = ray.get(actors[0].rendezvous.remote())

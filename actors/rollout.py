@@ -33,6 +33,8 @@ from storage.ledger import DEFAULT_MAX_TEXT_CHARS, Ledger
 from storage.records import NewGeneration
 
 if TYPE_CHECKING:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from loop.config import ModelSpec, RolloutConfig
 
 
@@ -156,11 +158,22 @@ class RolloutGroup:
     def launch(cls, num_workers: int, model_spec: ModelSpec, rollout_cfg: RolloutConfig,
                seed: int, ledger_url: str | None = None, campaign: str | None = None,
                name_prefix: str = "rollout", num_cpus: float = 1.0,
-               max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> RolloutGroup:
-        """Start R workers and load the version-0 policy in all of them at once."""
-        workers = [RolloutWorker.options(name=f"{name_prefix}-{i}", num_cpus=num_cpus)
+               max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+               scheduling: Sequence[PlacementGroupSchedulingStrategy] | None = None
+               ) -> RolloutGroup:
+        """Start R workers and load the version-0 policy in all of them at once.
+
+        `scheduling` gives worker i its placement-group bundle (`loop.placement`); None lets
+        Ray place them.
+        """
+        places = [None] * num_workers if scheduling is None else list(scheduling)
+        if len(places) != num_workers:
+            raise ValueError(f"{len(places)} scheduling strategies for {num_workers} workers")
+        workers = [RolloutWorker.options(name=f"{name_prefix}-{i}", num_cpus=num_cpus,
+                                         scheduling_strategy=place)
                    .remote(f"{name_prefix}-{i}", model_spec, rollout_cfg, seed, ledger_url,
-                           campaign, max_text_chars) for i in range(num_workers)]
+                           campaign, max_text_chars)
+                   for i, place in enumerate(places)]
         group = cls(workers)
         try:
             ray.get([w.setup.remote() for w in workers])

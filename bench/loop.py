@@ -18,9 +18,10 @@ ledger grows.
    all N (its serving watermark is set to N's), which is where a long campaign stands when its
    ledger holds N labels. Each of `--repeats` rounds then adds `--fresh` new labeled
    comparisons and times one refresh end to end: the ledger snapshot, the split (the fresh
-   labels plus a replay of older ones from the bounded window `rm.replay_window`), the warm
-   start, training, the gate's evaluations, publishing and the ledger rows. The gate is told to
-   promote every candidate (`rm.promotion_tolerance=1`): this measures time, not quality.
+   labels plus a replay of older ones from the bounded window `rm.replay_window`, 512 by
+   default: below the smallest size, so that every size reads a full window), the warm start,
+   training, the gate's evaluations, publishing and the ledger rows. The gate is told to promote
+   every candidate (`rm.promotion_tolerance=1`): this measures time, not quality.
    refresh_growth = median(N=largest) / median(N=smallest). Goal: ≤ 1.2.
 
     .venv/bin/python bench/loop.py                          # tiny + demo (2 iterations) + growth
@@ -67,7 +68,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="*", type=int, default=[1_000, 100_000],
                         help="ledger sizes for the refresh timing (none: skip part 2)")
     parser.add_argument("--fresh", type=int, default=64, help="new labels per refresh")
-    parser.add_argument("--repeats", type=int, default=3, help="refreshes per ledger size")
+    parser.add_argument("--repeats", type=int, default=5, help="refreshes per ledger size")
+    parser.add_argument("--replay-window", type=int, default=512,
+                        help="rm.replay_window; below the smallest size, so that every size "
+                             "reads a full window")
     return parser.parse_args()
 
 
@@ -153,13 +157,15 @@ class Ledgered:
     times: list[float]
 
 
-def prepare(size: int, tmp: Path):
+def prepare(size: int, tmp: Path, replay_window: int):
+    from actors.reward_trainer import RewardTrainerGroup
     from loop.config_load import load_config
     from loop.rm_refresh import RMService
     from storage.ledger import Ledger
 
     cfg = load_config(REPO / CONFIGS["tiny"], ["rm.promotion_tolerance=1.0",
-                                              "rm.seed_pairs=null"])
+                                              "rm.seed_pairs=null",
+                                              f"rm.replay_window={replay_window}"])
     name, rng = cfg.campaign.name, random.Random(size)
     ledger = Ledger.open(f"sqlite:///{tmp}/ledger.sqlite")
     ledger.ensure_campaign(name)
@@ -171,12 +177,14 @@ def prepare(size: int, tmp: Path):
     print(f"  N={size}: ledger seeded in {seeded:.1f}s; reading its whole snapshot takes "
           f"{time.perf_counter() - start:.2f}s ({len(whole.rows)} rows)", flush=True)
     rm = RMService(cfg, ledger, tmp, lambda line: None)
+    rm.group = RewardTrainerGroup.launch(  # a name of its own: one group per ledger size
+        1, cfg.models.reward, cfg.rm, cfg.campaign.seed, name_prefix=f"rm-trainer-n{size}")
     rm.refresh(ledger.snapshot(name, watermark=min(256, size)), version=1)
     rm.serving = dataclasses.replace(rm.serving, watermark=ledger.watermark(name))
     return Ledgered(size, ledger, rm, rng, [])
 
 
-def part_growth(sizes: list[int], fresh: int, repeats: int) -> float:
+def part_growth(sizes: list[int], fresh: int, repeats: int, replay_window: int) -> float:
     """Refreshes at each ledger size, taking turns (size 1, size 2, size 1, …) so that the
     machine's load drifts over all sizes alike; returns median(largest) / median(smallest)."""
     from loop.ray_env import connect
@@ -188,7 +196,7 @@ def part_growth(sizes: list[int], fresh: int, repeats: int) -> float:
         try:
             for size in sizes:
                 (Path(tmp) / str(size)).mkdir()
-                runs.append(prepare(size, Path(tmp) / str(size)))
+                runs.append(prepare(size, Path(tmp) / str(size), replay_window))
             for k in range(repeats):
                 for run in runs:
                     name = run.rm.name
@@ -211,11 +219,13 @@ def main() -> None:
     args = parse_args()
     iterations = {"tiny": args.tiny_iterations, "demo": args.demo_iterations}
     overheads = part_stages(args.configs, iterations) if args.configs else {}
-    growth = part_growth(args.sizes, args.fresh, args.repeats) if args.sizes else float("nan")
+    growth = (part_growth(args.sizes, args.fresh, args.repeats, args.replay_window)
+              if args.sizes else float("nan"))
     worst = max(overheads.values()) if overheads else float("nan")
     per_config = " ".join(f"{c}_overhead={o:.4f}" for c, o in overheads.items())
     print(f"RESULT overhead={worst:.4f} refresh_growth={growth:.3f} {per_config} "
-          f"sizes={'/'.join(map(str, args.sizes))} fresh={args.fresh} repeats={args.repeats}")
+          f"sizes={'/'.join(map(str, args.sizes))} fresh={args.fresh} repeats={args.repeats} "
+          f"replay_window={args.replay_window}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The `prefloop` command line.
 
-    prefloop run CONFIG [KEY=VALUE ...] [--resume RUN_DIR]
+    prefloop run CONFIG [KEY=VALUE ...] [--resume RUN_DIR | --auto-resume]
     prefloop check CONFIG [KEY=VALUE ...]
     prefloop label serve|import|export ...
     prefloop annotators add|revoke|list ...
@@ -77,16 +77,38 @@ def run(
     resume: Annotated[
         Path | None, typer.Option(help="Continue the campaign in this run directory.")
     ] = None,
+    auto_resume: Annotated[bool, typer.Option(
+        "--auto-resume", help="Continue the campaign in the config's run directory if it holds "
+        "one, else start it there: a resubmitted job with the same command continues.")] = False,
 ) -> None:
     """Run a campaign (locally, or inside `ray job submit`)."""
     cfg = _load(config, overrides)
+    if auto_resume:
+        resume = _auto_resume_dir(cfg, resume)
     from loop.campaign import run_campaign
+    from loop.placement import PlacementError
 
     try:
         with _storage_errors():
             run_campaign(cfg, config_path=config, resume=resume)
+    except (ConfigError, PlacementError) as exc:
+        fail(str(exc))
+
+
+def _auto_resume_dir(cfg, resume: Path | None) -> Path | None:
+    """The run directory `--auto-resume` continues (None: start the campaign), said aloud."""
+    from loop.run_dir import auto_resume_dir, resolve_run_dir
+
+    if resume is not None:
+        fail("pass --resume RUN_DIR or --auto-resume, not both")
+    try:
+        found = auto_resume_dir(cfg)
     except ConfigError as exc:
         fail(str(exc))
+    typer.echo("prefloop: --auto-resume: " + (
+        f"continuing the campaign in {found}" if found is not None
+        else f"no campaign in {resolve_run_dir(cfg)} yet: starting one"), err=True)
+    return found
 
 
 CampaignOpt = Annotated[str | None, typer.Option(

@@ -179,8 +179,9 @@ class RMConfig(Section):
     """Subtract the label strength as a margin inside the Bradley–Terry loss."""
     label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
     """Label smoothing of the Bradley–Terry target for noisy labels."""
-    refresh_every: PositiveInt = 1
-    """Refresh the RM every k iterations ..."""
+    refresh_every: NonNegInt = 1
+    """Refresh the RM every k iterations ... (0: never; the RM is frozen after v1, the loop
+    queues no comparisons, and only a `monitors.action: refresh_rm` alarm refreshes it)"""
     refresh_min_labels: NonNegInt = 0
     """... or as soon as this many fresh labels exist (0: only the schedule)."""
     replay_fraction: Annotated[float, Field(ge=0.0, le=0.95)] = 0.5
@@ -204,6 +205,17 @@ class RMConfig(Section):
     (0 or 1: plain random batches)."""
     ensemble: EnsembleConfig = EnsembleConfig()
     """Ensemble settings."""
+    max_restarts: NonNegInt = 3
+    """A refresh whose trainer group loses a rank replaces the whole group and starts over, at
+    most this many times per refresh; then the campaign stops with an error (0: at once)."""
+
+    @model_validator(mode="after")
+    def _frozen_means_frozen(self) -> RMConfig:
+        if self.refresh_every == 0 and self.refresh_min_labels > 0:
+            raise ValueError(
+                f"rm.refresh_every=0 freezes the RM after v1, but rm.refresh_min_labels="
+                f"{self.refresh_min_labels} asks for refreshes: set one of them differently")
+        return self
 
 
 class KLConfig(Section):
@@ -262,7 +274,12 @@ class MonitorsConfig(Section):
     divergence_window: Annotated[int, Field(ge=2)] = 3
     """Proxy rising while gold falls over this many iterations raises the divergence alarm."""
     action: Literal["none", "pause_ppo", "raise_beta", "refresh_rm"] = "none"
-    """What an alarm does besides being logged."""
+    """What an alarm does besides being logged, from the next iteration on: skip the PPO
+    update, multiply the KL coefficient β, or refresh the RM whatever its schedule."""
+    pause_iterations: PositiveInt = 1
+    """`pause_ppo`: iterations without a PPO update after an alarm."""
+    beta_factor: Annotated[float, Field(gt=1.0)] = 2.0
+    """`raise_beta`: β is multiplied by this after each iteration with an alarm."""
 
 
 class StorageConfig(Section):
@@ -276,11 +293,17 @@ class StorageConfig(Section):
 
 class ResourcesConfig(Section):
     cpus_per_actor: PositiveFloat = 1.0
-    """CPUs reserved per actor."""
+    """CPUs reserved per actor (an AI labeler takes at most 0.5)."""
     gpus_per_actor: NonNegFloat = 0.0
-    """GPUs reserved per actor (0 on CPU machines)."""
+    """GPUs reserved per RM-trainer rank, the one role that trains on a GPU (0 on CPU
+    machines)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """Placement-group strategy of each actor group."""
+    """Strategy of the campaign's placement group (one bundle per actor): PACK (few nodes),
+    SPREAD (many nodes, best effort), STRICT_PACK (one node), STRICT_SPREAD (one bundle per
+    node). May change when a campaign resumes."""
+    placement_timeout_s: PositiveFloat = 120.0
+    """Wait this long for the cluster to reserve the placement group, then stop with what was
+    requested and what the cluster has. May change when a campaign resumes."""
     max_restarts: NonNegInt = 3
     """Ray restarts an actor that dies up to this many times."""
     torch_threads: PositiveInt | None = None
@@ -290,12 +313,13 @@ class ResourcesConfig(Section):
 
 
 class MetricsConfig(Section):
-    jsonl: bool = True
-    """Write metrics.jsonl in the run directory."""
+    """Every number goes to RUN_DIR/metrics.jsonl (the report reads it) and the ledger."""
+
     tensorboard: bool = False
-    """Also write TensorBoard event files."""
+    """Also write TensorBoard event files to RUN_DIR/tensorboard (extra `tensorboard`)."""
     wandb_project: str | None = None
-    """Also log to this W&B project (None: off)."""
+    """Also log to this W&B project, offline unless WANDB_MODE says otherwise (extra `wandb`;
+    None: off)."""
     ray_dashboard: bool = True
     """Export gauges through ray.util.metrics (Prometheus endpoint / dashboard)."""
     progress: Literal["auto", "bar", "lines"] = "auto"

@@ -18,6 +18,13 @@ on the held-out fresh pairs (or, with too few of them, on the fixed reference se
 and is served only if it is not worse. Promoted or rejected, its weights go to the weight store
 and its row — with the snapshot's watermark and hash, its parent, the split and the verdict —
 to the ledger, so "what did RM vM train on" is a ledger query.
+
+A rank that dies mid-refresh (a Ray actor death) cannot rejoin its gloo/NCCL group, so the
+service replaces the whole group: it kills every rank, starts a new group the way the first was
+started (`start(launch)` remembers how), and retries the refresh from the start — the warm start
+from the serving RM included — at most `rm.max_restarts` times per refresh. Nothing is written
+to the weight store or the ledger before the group's last call, so a retried refresh publishes
+and records exactly what an undisturbed one would; `rm/restarts` counts the restarts.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
 
 from actors.core.bradley_terry import PairMetrics
 from actors.core.ensemble import load_reward_model
@@ -50,6 +59,14 @@ from storage.records import Snapshot, SnapshotRow
 from storage.weights import LocalWeightStore, WeightStore, WeightVersion, open_weight_store
 
 WEIGHTS_ENV = "PREFLOOP_WEIGHTS_URI"
+ACTOR_DEATHS = (RayActorError, ActorDiedError, ActorUnavailableError)
+"""What a group call raises when a rank died (the last two subclass the first)."""
+Launch = Callable[[], RewardTrainerGroup]
+"""Starts a new RM trainer group (all ranks set up together)."""
+
+
+class RMTrainerDied(RuntimeError):
+    """An RM refresh lost its trainer group more often than `rm.max_restarts` allows."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,20 @@ class RMRefresh:
     promoted: bool
     reason: str
     metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A trained, judged and published candidate: everything a refresh writes to the ledger,
+    computed before any ledger write (so a rank's death never leaves a partial record)."""
+
+    pairs: int
+    ties: int
+    decision: GateDecision
+    metrics: dict[str, float]
+    published: WeightVersion
+    state: dict | None
+    """The candidate's full state when it is promoted (the next serving RM), else None."""
 
 
 def row_pair(row: SnapshotRow, human_weight: float) -> PreferencePair | None:
@@ -111,16 +142,29 @@ class RMService:
         self.store = open_weight_store(weights_location(cfg, run_dir))
         self.group: RewardTrainerGroup | None = None
         self.serving: ServingRM | None = None
+        self.launch: Launch = self._launch_default
+        self.restarts = 0
+        """Trainer-group restarts over the service's life (all refreshes)."""
         self._reference: list[PreferencePair] | None = None
+
+    def start(self, launch: Launch | None = None) -> RewardTrainerGroup:
+        """Start the trainer group with `launch` (default: Ray places `rm.trainers` ranks of
+        `resources.cpus_per_actor` / `gpus_per_actor`); a restart calls it again."""
+        if launch is not None:
+            self.launch = launch
+        return self._group()
+
+    def _launch_default(self) -> RewardTrainerGroup:
+        cfg = self.cfg
+        self.say(f"starting {cfg.rm.trainers} RM trainer rank(s): {cfg.models.reward.name}, "
+                 f"DeepSpeed ZeRO-{cfg.rm.zero_stage}, {cfg.rm.ensemble.members} member(s)")
+        return RewardTrainerGroup.launch(
+            cfg.rm.trainers, cfg.models.reward, cfg.rm, cfg.campaign.seed,
+            num_cpus=cfg.resources.cpus_per_actor, num_gpus=cfg.resources.gpus_per_actor)
 
     def _group(self) -> RewardTrainerGroup:
         if self.group is None:
-            cfg = self.cfg
-            self.say(f"starting {cfg.rm.trainers} RM trainer rank(s): {cfg.models.reward.name}, "
-                     f"DeepSpeed ZeRO-{cfg.rm.zero_stage}, {cfg.rm.ensemble.members} member(s)")
-            self.group = RewardTrainerGroup.launch(
-                cfg.rm.trainers, cfg.models.reward, cfg.rm, cfg.campaign.seed,
-                num_cpus=cfg.resources.cpus_per_actor, num_gpus=cfg.resources.gpus_per_actor)
+            self.group = self.launch()
         return self.group
 
     def reference_pairs(self) -> list[PreferencePair]:
@@ -157,7 +201,9 @@ class RMService:
             return self.ledger.snapshot(self.name)
         rm, fresh_after = self.cfg.rm, self.serving.watermark
         base = self._base_watermark(None)
-        wanted = math.ceil(rm.replay_window / (1.0 - rm.fresh_eval_fraction)) + 16
+        # enough rows that, after the held-out share, the window holds the replay window (with
+        # a margin for the hash's spread); widened below in the rare case it does not
+        wanted = math.ceil(1.25 * rm.replay_window / (1.0 - rm.fresh_eval_fraction)) + 32
         while True:
             since = self.ledger.window_start(self.name, fresh_after, wanted)
             snap = self.ledger.snapshot(self.name, since=since)
@@ -168,7 +214,43 @@ class RMService:
             wanted *= 2  # more held-out rows in the window than expected: widen it
 
     def refresh(self, snap: Snapshot, version: int) -> RMRefresh:
-        """Train candidate RM `version` on `snap`, gate it, publish and record it."""
+        """Train candidate RM `version` on `snap`, gate it, publish and record it.
+
+        A rank that dies on the way replaces the whole group and restarts the refresh (at most
+        `rm.max_restarts` times; `RMTrainerDied` after that): the version, the weights and the
+        ledger rows are those of an undisturbed refresh."""
+        deaths: list[str] = []
+        while True:
+            try:
+                cand = self._candidate(snap, version)
+                break
+            except RayError as err:
+                if not isinstance(err, ACTOR_DEATHS) and not self._lost_a_rank():
+                    raise  # a real error, no rank died
+                deaths.append(f"{type(err).__name__}: {first_line(err)}")
+                self._discard_group()
+                limit = self.cfg.rm.max_restarts
+                if len(deaths) > limit:
+                    raise RMTrainerDied(
+                        f"RM v{version}: the RM trainer group lost a rank {len(deaths)} time(s) "
+                        f"in this refresh, and rm.max_restarts={limit} allows {limit} "
+                        f"restart(s); no version was recorded. Deaths: "
+                        + "; ".join(f"{i}) {d}" for i, d in enumerate(deaths, 1))) from err
+                self.restarts += 1
+                self.say(f"RM v{version}: an RM trainer rank died ({deaths[-1]}); restarting "
+                         f"the group ({len(deaths)}/{limit}) and the refresh from the start")
+        serving = self.serving
+        version = cand.published.version
+        self.ledger.record_model_version(
+            self.name, "rm", version, snapshot=snap.ref, metrics=cand.metrics,
+            parent_version=serving.version if serving else None, weight_uri=cand.published.uri)
+        self._settle(version, snap.watermark, cand.decision, cand.state)
+        metrics = {**cand.metrics, "rm/restarts": float(len(deaths))}
+        return RMRefresh(version, cand.pairs, cand.ties, cand.published.uri,
+                         cand.decision.promote, cand.decision.reason, metrics)
+
+    def _candidate(self, snap: Snapshot, version: int) -> _Candidate:
+        """Every group call of a refresh: warm start, train, judge, publish (no ledger write)."""
         rm, serving = self.cfg.rm, self.serving
         base = self._base_watermark(snap)
         split = split_refresh(snap.rows, serving.watermark if serving else 0, base,
@@ -196,14 +278,9 @@ class RMService:
         decision = promotion_gate(after, before, rm.promotion_tolerance, gate_name)
         metrics = self._metrics({**fit.metrics, "rm/steps": float(fit.steps)}, split,
                                 len(pairs), after, before, gate_name)
+        state = group.state_dict() if decision.promote else None
         published = publish_new_version(self.store, version, group.save, self.say)
-        version = published.version
-        self.ledger.record_model_version(
-            self.name, "rm", version, snapshot=snap.ref, metrics=metrics,
-            parent_version=serving.version if serving else None, weight_uri=published.uri)
-        self._settle(version, snap.watermark, decision)
-        return RMRefresh(version, len(pairs), ties, published.uri, decision.promote,
-                         decision.reason, metrics)
+        return _Candidate(len(pairs), ties, decision, metrics, published, state)
 
     def _train_candidate(self, group: RewardTrainerGroup, pairs: list[PreferencePair],
                          version: int) -> FitResult:
@@ -237,19 +314,45 @@ class RMService:
             metrics.update({"rm/reference_accuracy": held.accuracy, "rm/reference_ece": held.ece})
         return metrics
 
-    def _settle(self, version: int, watermark: int, decision: GateDecision) -> None:
+    def _settle(self, version: int, watermark: int, decision: GateDecision,
+                state: dict | None) -> None:
         status = "promoted" if decision.promote else "rejected"
         self.ledger.set_model_status(self.name, "rm", version, status, reason=decision.reason)
         self.say(f"RM v{version} {status}: {decision.reason}")
         if decision.promote:
-            state = self.group.state_dict()
             self.serving = ServingRM(version, watermark, ray.put(pack_state(state)))
 
-    def shutdown(self) -> None:
-        """Stop the trainer group (idempotent)."""
+    def _lost_a_rank(self, timeout_s: float = 30.0) -> bool:
+        """Whether a rank of the group is dead. A survivor's collective may fail first (a gloo
+        "connection closed" task error that names no death); a dead rank answers no ping."""
+        if self.group is None:
+            return False
+        pending = [actor.__ray_ready__.remote() for actor in self.group.actors]
+        deadline = time.monotonic() + timeout_s
+        while pending and (left := deadline - time.monotonic()) > 0:
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ACTOR_DEATHS:
+                    return True
+        return False
+
+    def _discard_group(self) -> None:
+        """Kill every rank of a group that lost one (the survivors would wait on it forever)."""
         if self.group is not None:
             self.group.shutdown()
             self.group = None
+
+    def shutdown(self) -> None:
+        """Stop the trainer group (idempotent)."""
+        self._discard_group()
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, cut to `limit` characters."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:limit]
 
 
 def local_copy(store: WeightStore, version: int, scratch: Path) -> Path:

@@ -13,6 +13,10 @@ from loop.config_load import ConfigError
 
 CONFIG_FILE = "config.yaml"
 EXTENDABLE = {"campaign.iterations"}  # a resumed campaign may run longer (or stop sooner)
+RELOCATABLE = {"resources.placement_strategy", "resources.placement_timeout_s"}
+"""Keys a resumed campaign may change: where its actors run, not what they compute."""
+OBSERVABLE = "metrics."
+"""A resumed campaign may also change how it reports (progress, sinks), not what it computes."""
 
 
 def resolve_run_dir(cfg: Config) -> Path:
@@ -24,25 +28,34 @@ def resolve_run_dir(cfg: Config) -> Path:
     return Path("runs") / cfg.campaign.name
 
 
+def auto_resume_dir(cfg: Config) -> Path | None:
+    """`--auto-resume`: the run directory of `cfg` when it holds a campaign, None when it does
+    not (start the campaign there).
+
+    This is what makes a resubmitted job continue: the same command finds the directory the
+    first submission created. A campaign there that `cfg` may not continue (see
+    `prepare_run_dir`) is a `ConfigError` naming the keys that differ.
+    """
+    run_dir = resolve_run_dir(cfg)
+    if not (run_dir / CONFIG_FILE).is_file():
+        return None
+    _check_resumable(cfg, run_dir, "--auto-resume")
+    return run_dir
+
+
 def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
     """Create (or, with `resume`, reopen) the run directory and pin its resolved config.
 
     A resumed campaign must run the config it started with: any difference is an error that
     names the keys, so a resubmitted job never silently changes course — except
-    `campaign.iterations`, which extends (or shortens) the campaign and is re-pinned.
+    `campaign.iterations`, which extends (or shortens) the campaign, and the placement keys
+    (`RELOCATABLE`); both are re-pinned.
     """
     run_dir = resume if resume is not None else resolve_run_dir(cfg)
     saved_path = run_dir / CONFIG_FILE
     resolved = cfg.model_dump(mode="json")
     if resume is not None:
-        if not saved_path.is_file():
-            raise ConfigError(f"--resume {run_dir}: no {CONFIG_FILE} there; not a run directory")
-        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-        changed = sorted(_diff_keys(saved, resolved) - EXTENDABLE)
-        if changed:
-            raise ConfigError(f"--resume {run_dir}: the config differs from the one the campaign "
-                              f"started with at: {', '.join(changed)}")
-        if saved != resolved:
+        if _check_resumable(cfg, run_dir, "--resume") != resolved:
             _pin(saved_path, resolved)
         return run_dir
     if saved_path.exists():
@@ -53,6 +66,21 @@ def prepare_run_dir(cfg: Config, resume: Path | None) -> Path:
     return run_dir
 
 
+def _check_resumable(cfg: Config, run_dir: Path, flag: str) -> dict:
+    """The config pinned in `run_dir`; a `ConfigError` (naming `flag`, the option that asked
+    for the resume) when there is none or `cfg` differs from it beyond what may change."""
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        raise ConfigError(f"{flag} {run_dir}: no {CONFIG_FILE} there; not a run directory")
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in _diff_keys(saved, cfg.model_dump(mode="json"))
+                     if k not in EXTENDABLE | RELOCATABLE and not k.startswith(OBSERVABLE))
+    if changed:
+        raise ConfigError(f"{flag} {run_dir}: the config differs from the one the campaign "
+                          f"started with at: {', '.join(changed)}")
+    return saved
+
+
 def _pin(path: Path, resolved: dict) -> None:
     """Write the resolved config atomically (write, then rename)."""
     tmp = path.with_suffix(".yaml.tmp")
@@ -61,7 +89,10 @@ def _pin(path: Path, resolved: dict) -> None:
 
 
 def _diff_keys(a: object, b: object, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ. Only keys both sides hold are compared: a key the
+    pinned config lacks was added to prefloop after the campaign started (it ran with that
+    key's default behaviour), and one the current schema lacks was removed since."""
     if isinstance(a, dict) and isinstance(b, dict):
-        keys = set(a) | set(b)
-        return set().union(*(_diff_keys(a.get(k), b.get(k), f"{prefix}{k}.") for k in keys))
+        keys = set(a) & set(b)
+        return set().union(*(_diff_keys(a[k], b[k], f"{prefix}{k}.") for k in keys))
     return set() if a == b else {prefix.rstrip(".")}

@@ -17,6 +17,9 @@ class LoopState:
         rm_versions: RM versions trained so far (the next refresh trains max + 1).
         labels_at_refresh: Ledger watermark when the serving RM was last refreshed.
         history: Monitor history (windowed summaries).
+        pause_ppo: Iterations left whose PPO update an alarm skips (`monitors.action`).
+        force_rm_refresh: An alarm asked for an RM refresh at the next iteration with labels.
+        last_kl: Mean KL of the last PPO update (what the monitors see while PPO is paused).
     """
 
     iteration: int = 0
@@ -24,3 +27,6 @@ class LoopState:
     rm_versions: int = 1
     labels_at_refresh: int = 0
     history: MonitorHistory = field(default_factory=MonitorHistory)
+    pause_ppo: int = 0
+    force_rm_refresh: bool = False
+    last_kl: float = 0.0

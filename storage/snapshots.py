@@ -74,10 +74,16 @@ def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
 
 
 def effective_query(
-    campaign_id: int, watermark: int, kinds: tuple[str, ...], since: int = 0
+    campaign_id: int, watermark: int, kinds: tuple[str, ...], since: int = 0, window: bool = False
 ) -> Select[Any]:
     """The effective preferences of a campaign at a watermark, with texts, in id order (without
-    the preferences of labelers quarantined below the watermark)."""
+    the preferences of labelers quarantined below the watermark); after ``since`` given.
+    ``window``: walk the preference ids down from the watermark (a bounded read of the newest
+    rows) instead of the campaign's comparisons (best for a whole snapshot)."""
+    # A window (a preference-id range) is read by walking that range of preference ids; the
+    # campaign filter must then not look usable through the comparison index, or SQLite walks
+    # every comparison of the campaign instead (linear in the ledger's size).
+    campaign = (Comparison.campaign_id + 0) if window else Comparison.campaign_id
     later = aliased(Preference)
     gen_a, gen_b = aliased(Generation), aliased(Generation)
     superseded = exists().where(and_(later.supersedes_id == Preference.id, later.id <= watermark))
@@ -108,7 +114,7 @@ def effective_query(
         .join(gen_a, gen_a.id == Comparison.generation_a_id)
         .join(gen_b, gen_b.id == Comparison.generation_b_id)
         .where(
-            Comparison.campaign_id == campaign_id,
+            campaign == campaign_id,
             Preference.id <= watermark,
             Preference.id > since,
             Preference.labeler_kind.in_(kinds),
@@ -133,7 +139,8 @@ def snapshot_rows(
         raise v.fail("snapshot", "since", f"<= the watermark {watermark}", since)
     digest = hashlib.sha256()
     rows: list[SnapshotRow] = []
-    for values in conn.execute(effective_query(campaign_id, watermark, kinds, since)):
+    query = effective_query(campaign_id, watermark, kinds, since, window=since > 0)
+    for values in conn.execute(query):
         row = SnapshotRow(*values)
         digest.update(v.canonical_json(list(values)).encode("utf-8") + b"\n")
         rows.append(row)
@@ -154,7 +161,7 @@ def window_start(
     ``before`` (0 when there are no more than that): the id of the next older one."""
     v.nonneg_int(rows, "window_start", "rows")
     query = (
-        effective_query(campaign_id, before, kinds)
+        effective_query(campaign_id, before, kinds, window=True)
         .with_only_columns(Preference.id)
         .order_by(None)
         .order_by(Preference.id.desc())

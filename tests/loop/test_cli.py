@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,3 +95,75 @@ def test_annotator_lifecycle(tmp_path):
     from storage.ledger import Ledger
 
     assert Ledger.open(f"sqlite:///{tmp_path}/l.sqlite").authenticate(token) is None  # revoked
+
+
+def _pin_campaign(run_dir: Path, *overrides: str) -> None:
+    """A run directory that holds the tiny campaign (its pinned config), without running it."""
+    from loop.config_load import load_config
+    from loop.run_dir import prepare_run_dir
+
+    prepare_run_dir(load_config(REPO / "configs/tiny.yaml",
+                                [f"campaign.run_dir={run_dir}", *overrides]), None)
+
+
+def test_auto_resume_starts_a_campaign_then_continues_it(tmp_path):
+    """The same command twice: the first starts the campaign, the second continues it (where
+    `run` without the flag refuses: test_campaign.py). Both stop at the ledger, which refuses
+    connections, right after the run-directory decision under test: no Ray, no models."""
+    run_dir = tmp_path / "tiny"
+    argv = ["run", "configs/tiny.yaml", f"campaign.run_dir={run_dir}",
+            "storage.db_url=postgresql+psycopg://prefloop@127.0.0.1:1/none", "--auto-resume"]
+    first = prefloop(*argv)
+    assert first.returncode == 2, first.stdout + first.stderr
+    assert first.stderr.startswith(
+        f"prefloop: --auto-resume: no campaign in {run_dir} yet: starting one\n"
+        "prefloop: error: database error: OperationalError: ")
+    assert (run_dir / "config.yaml").is_file()  # the campaign exists: the next run continues it
+
+    second = prefloop(*argv)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert second.stderr.startswith(
+        f"prefloop: --auto-resume: continuing the campaign in {run_dir}\n"
+        "prefloop: error: database error: OperationalError: ")
+
+
+def test_auto_resume_refuses_a_changed_config(tmp_path):
+    run_dir = tmp_path / "tiny"
+    _pin_campaign(run_dir)
+    result = prefloop("run", "configs/tiny.yaml", f"campaign.run_dir={run_dir}", "ppo.lr=0.5",
+                      "rollout.workers=2", "--auto-resume")
+    assert result.returncode == 2
+    assert result.stderr == (f"prefloop: error: --auto-resume {run_dir}: the config differs from "
+                             "the one the campaign started with at: ppo.lr, rollout.workers\n")
+
+
+def test_resume_may_change_iterations_and_placement_only(tmp_path):
+    from loop.config_load import ConfigError, load_config
+    from loop.run_dir import auto_resume_dir, prepare_run_dir
+
+    run_dir = tmp_path / "tiny"
+
+    def cfg(*overrides: str):
+        return load_config(REPO / "configs/tiny.yaml",
+                           [f"campaign.run_dir={run_dir}", *overrides])
+
+    assert auto_resume_dir(cfg()) is None  # nothing there yet: --auto-resume starts one
+    _pin_campaign(run_dir)
+    moved = cfg("campaign.iterations=7", "resources.placement_strategy=SPREAD",
+                "resources.placement_timeout_s=9")
+    assert auto_resume_dir(moved) == run_dir
+    assert prepare_run_dir(moved, run_dir) == run_dir
+    pinned = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (pinned["campaign"]["iterations"], pinned["resources"]["placement_strategy"],
+            pinned["resources"]["placement_timeout_s"]) == (7, "SPREAD", 9.0)
+    with pytest.raises(ConfigError, match=r"^--auto-resume .*: the config differs from the one "
+                                          r"the campaign started with at: "
+                                          r"resources.cpus_per_actor$"):
+        auto_resume_dir(cfg("campaign.iterations=7", "resources.placement_strategy=SPREAD",
+                            "resources.placement_timeout_s=9", "resources.cpus_per_actor=2"))
+
+
+def test_resume_and_auto_resume_together_are_refused(tmp_path):
+    result = prefloop("run", "configs/tiny.yaml", "--resume", str(tmp_path), "--auto-resume")
+    assert result.returncode == 2
+    assert result.stderr == "prefloop: error: pass --resume RUN_DIR or --auto-resume, not both\n"

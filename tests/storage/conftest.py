@@ -1,4 +1,5 @@
-"""Fixtures of the storage tests: a ledger on SQLite and on a fresh PostgreSQL database.
+"""Fixtures of the storage tests: a ledger on SQLite and on a fresh PostgreSQL database (the
+URLs come from the root conftest's ``db_url`` and ``pg_fresh_url``).
 
 PostgreSQL tests need ``PREFLOOP_TEST_PG_URL`` (``.ci/test`` starts a server and sets it). Where
 it is missing they fail, never skip: a green run must mean both backends were tested.
@@ -8,11 +9,9 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing
-import os
 import queue
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
@@ -21,15 +20,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
-from storage.db import engine_for
 from storage.ledger import Ledger
 from storage.records import NewComparison, NewGeneration
-
-PG_ENV = "PREFLOOP_TEST_PG_URL"
 
 
 @dataclass(frozen=True)
@@ -71,47 +65,6 @@ def procs() -> Iterator[Procs]:
     yield Procs(multiprocessing.get_context("spawn"), importlib.import_module("storage_test_procs"))
     if added:
         sys.path.remove(here)
-
-
-@pytest.fixture(scope="session")
-def pg_server_url() -> str:
-    """The test server's URL (fails the test when the variable is missing)."""
-    url = os.environ.get(PG_ENV)
-    if not url:
-        pytest.fail(
-            f"{PG_ENV} is not set: PostgreSQL tests need a server. Run them through .ci/test, or "
-            "`source .ci/postgres.sh && pg_start` before pytest."
-        )
-    return url
-
-
-def _libpq(url: str) -> str:
-    parsed = make_url(url)
-    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@pytest.fixture
-def pg_fresh_url(pg_server_url: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database for one test, dropped afterwards."""
-    name = f"prefloop_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_libpq(pg_server_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
-    yield url
-    engine_for(url).dispose()
-    with psycopg.connect(_libpq(pg_server_url), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL of an empty database: a SQLite file, then a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
-        yield url
-        engine_for(url).dispose()
-    else:
-        yield request.getfixturevalue("pg_fresh_url")
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from storage import db
 from storage.ledger import Ledger
 from storage.records import NewPreference
 
-LEASE_S = 1.5
+VICTIM_LEASE_S = 1.5  # a killed consumer's leases run out soon, so the others take them over
+LEASE_S = 30.0  # a live consumer never loses its lease, however loaded the machine
 
 
 def sqlite_writer(ledger: Ledger, worker: int, comparisons: list[int], out) -> None:
@@ -70,7 +71,7 @@ def lease_consumer(url: str, worker: int, victim: bool, claimed, go, out) -> Non
     ledger = Ledger(url)
     owner = f"worker-{worker}"
     if victim:
-        claims = ledger.claim("c1", owner, 4, lease_s=LEASE_S)
+        claims = ledger.claim("c1", owner, 4, lease_s=VICTIM_LEASE_S)
         claimed.put((worker, [c.comparison_id for c in claims]))
         time.sleep(120)  # SIGKILLed here: after claiming, before recording
         return

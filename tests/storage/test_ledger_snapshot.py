@@ -158,3 +158,17 @@ def test_window_start_counts_effective_rows_only(ledger: Ledger, seed) -> None:
     assert ledger.window_start("c1", before=10, rows=3) == 6
     assert ledger.window_start("c1", before=10, rows=4) == 4  # 6, 7, 8, 10; row 5 is not one
     assert ledger.window_start("c1", before=10, rows=3, kinds=["human"]) == 0  # 7, 8 only
+
+
+def test_a_window_is_read_by_preference_id_not_by_campaign(tmp_path) -> None:
+    """SQLite's plan for a window walks the preference-id range (bounded however large the
+    campaign is); with the comparison index usable it walked every comparison of the campaign."""
+    from storage.snapshots import effective_query
+
+    ledger = Ledger.open(f"sqlite:///{tmp_path}/ledger.sqlite")
+    query = effective_query(1, 1000, ("ai", "human"), 900, window=True)
+    sql = str(query.compile(ledger.engine, compile_kwargs={"literal_binds": True}))
+    with ledger.engine.connect() as conn:
+        plan = [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
+    assert plan[0] == "SEARCH preference USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"
+    assert not any("TEMP B-TREE" in step for step in plan)  # id order comes for free
