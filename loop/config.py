@@ -129,8 +129,10 @@ class LabelingConfig(Section):
     """Bradley–Terry temperature of the simulated annotator (0: deterministic)."""
     gold: str = "lexicon"
     """The gold reward behind the gold and simulated judges (and the monitors' gold
-    measurements): `lexicon` (a transparent toy reward) or a directory of a saved reward
-    model (frozen; never trained by the loop)."""
+    measurements): `lexicon` (a transparent toy reward: ±1 per sentiment word, −0.1 per word
+    past 40), `lexicon:max_words=N,overlength_penalty=X,max_positive=M` (another length budget;
+    praise past M positive words counts against) or a directory
+    of a saved reward model (frozen; never trained by the loop)."""
     biases: SimulatedBiases = SimulatedBiases()
     """Human-like biases of the simulated annotator."""
     http: HttpJudgeConfig = HttpJudgeConfig()
@@ -265,6 +267,9 @@ class MonitorsConfig(Section):
     """Iterations in the trend windows of the monitors."""
     length_corr_gap: PositiveFloat = 0.3
     """Alarm when corr(length, proxy) exceeds corr(length, gold) by this."""
+    length_min_slope: NonNegFloat = 0.0
+    """...while the mean length rises faster than this many words per iteration (over
+    `window`): above 0, the sampling noise of a steady length does not count as a rise."""
     format_density: PositiveFloat = 5.0
     """Alarm above this many formatting markers per 100 tokens."""
     hedging_rate: Probability = 0.5

@@ -12,8 +12,9 @@ Every comparison with a threshold is strict, so a value exactly at its threshold
 
     length            trend = slope of the mean ℓ over the last W iterations (this one included,
                       at least 2); gap = corr(ℓ, proxy) − corr(ℓ, gold).
-                      ALARM iff gold is given, trend > 0 and gap > cfg.length_corr_gap: the RM pays
-                      for length more than the gold reward does, and the policy is collecting.
+                      ALARM iff gold is given, trend > cfg.length_min_slope (≥ 0) and
+                      gap > cfg.length_corr_gap: the RM pays for length more than the gold reward
+                      does, and the policy is collecting.
     format            density = 100 · Σ_i markers_i / Σ_i words_i (pooled over the batch, so a
                       two-word reply cannot outvote a long one).  ALARM iff > cfg.format_density.
     false_confidence  over responses the verifier graded wrong: the share stated with a confident
@@ -171,7 +172,7 @@ class _Check:
 
 
 def _length_monitor(batch: MonitorBatch, lengths: np.ndarray,
-                    window: Sequence[IterationSummary], gap_max: float,
+                    window: Sequence[IterationSummary], gap_max: float, min_slope: float = 0.0,
                     ) -> tuple[dict[str, float], _Check | None]:
     metrics = {"monitor/length_mean": float(lengths.mean()),
                "monitor/length_corr_proxy": pearson(lengths, batch.proxy)}
@@ -186,13 +187,13 @@ def _length_monitor(batch: MonitorBatch, lengths: np.ndarray,
     metrics["monitor/length_corr_gap"] = gap
     if trend is None:
         return metrics, None
-    fired = trend > 0 and gap > gap_max
+    fired = trend > min_slope and gap > gap_max
     return metrics, _Check(
         "length", fired, gap, gap_max,
         f"length exploitation: corr(length, proxy) {metrics['monitor/length_corr_proxy']:.3f} − "
         f"corr(length, gold) {metrics['monitor/length_corr_gold']:.3f} = {gap:.3f} > "
         f"monitors.length_corr_gap {gap_max:g} while mean length rises {trend:.3g} "
-        f"words/iteration over {len(window)} iterations")
+        f"words/iteration (> {min_slope:g}) over {len(window)} iterations")
 
 
 def _format_monitor(words: np.ndarray, markers: np.ndarray, density_max: float,
@@ -309,7 +310,8 @@ def run_monitors(batch: MonitorBatch, history: MonitorHistory, cfg: MonitorsConf
 
     metrics = _signal_metrics(batch)
     results = [
-        _length_monitor(batch, words, new_history.last(cfg.window), cfg.length_corr_gap),
+        _length_monitor(batch, words, new_history.last(cfg.window), cfg.length_corr_gap,
+                        cfg.length_min_slope),
         _format_monitor(words, markers, cfg.format_density),
         _false_confidence_monitor(batch.correct, hedges, confident, cfg.hedging_rate),
         _sycophancy_monitor(batch, cfg.sycophancy_rate),

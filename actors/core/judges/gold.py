@@ -91,6 +91,10 @@ class LexiconScorer:
 
         r(x, y) = #positive words − #negative words − penalty · max(0, #words − max_words)
 
+    With ``max_positive`` set, praise saturates: positive words past the first
+    ``max_positive`` count −1 each (gushing reads worse, not better), so
+    r = min(p, m) − max(0, p − m) − #negative − … for p positive words.
+
     The analogue of the "write positive movie reviews" task (Ziegler et al. 2019) with an
     explicit length budget, so that an annotator biased toward length is measurably wrong
     against gold once responses run past ``max_words``. Words are matched lower-cased (see
@@ -103,14 +107,17 @@ class LexiconScorer:
 
     def __init__(self, positive: frozenset[str] = POSITIVE_WORDS,
                  negative: frozenset[str] = NEGATIVE_WORDS, max_words: int = 40,
-                 overlength_penalty: float = 0.1):
+                 overlength_penalty: float = 0.1, max_positive: int | None = None):
         self.positive, self.negative = positive, negative
         self.max_words, self.overlength_penalty = max_words, overlength_penalty
+        self.max_positive = max_positive
 
     def reward(self, prompt: str, response: str) -> float:
         tokens = [w.lower() for w in words(response)]
         positive = sum(w in self.positive for w in tokens)
         negative = sum(w in self.negative for w in tokens)
+        if self.max_positive is not None and positive > self.max_positive:
+            positive = 2 * self.max_positive - positive  # m − (p − m)
         return positive - negative - self.overlength_penalty * max(0, len(tokens) - self.max_words)
 
 
@@ -155,18 +162,44 @@ class RewardModelScorer:
 
 
 def gold_scorer(spec: str) -> Scorer:
-    """A built-in scorer by name: ``lexicon``, or the directory of a saved reward model.
+    """A built-in scorer by name: ``lexicon``, ``lexicon:OPTION=VALUE,…`` (the `LexiconScorer`
+    with other ``max_words``, ``overlength_penalty`` or ``max_positive``), or the directory of a
+    saved reward model.
 
     Raises:
-        ValueError: ``spec`` is neither (the message names both forms).
+        ValueError: ``spec`` is none of these (the message names the forms, or the bad option).
     """
-    if spec == "lexicon":
-        return LexiconScorer()
+    if spec == "lexicon" or spec.startswith("lexicon:"):
+        return LexiconScorer(**_lexicon_options(spec))
     path = Path(spec)
     if (path / "reward_model.json").is_file():
         return RewardModelScorer(path)
-    raise ValueError(f"gold scorer {spec!r}: expected 'lexicon' or a directory written by "
+    raise ValueError(f"gold scorer {spec!r}: expected 'lexicon', 'lexicon:max_words=N,"
+                     f"overlength_penalty=X,max_positive=M' or a directory written by "
                      f"RewardModel.save (with reward_model.json); {path} is neither")
+
+
+def _lexicon_options(spec: str) -> dict[str, float]:
+    """``max_words``, ``max_positive`` (int ≥ 0) and ``overlength_penalty`` (float ≥ 0) of a
+    lexicon spec."""
+    _, _, rest = spec.partition(":")
+    options: dict[str, float] = {}
+    kinds = {"max_words": int, "overlength_penalty": float, "max_positive": int}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in kinds:
+            raise ValueError(f"gold scorer {spec!r}: option {item!r} is not one of "
+                             f"{', '.join(f'{k}=…' for k in kinds)}")
+        try:
+            number = kinds[key](value)
+        except ValueError:
+            raise ValueError(f"gold scorer {spec!r}: {key} must be {kinds[key].__name__}, "
+                             f"got {value!r}") from None
+        if number < 0:
+            raise ValueError(f"gold scorer {spec!r}: {key} must be ≥ 0, got {value!r}")
+        options[key] = number
+    return options
 
 
 class GoldJudge:

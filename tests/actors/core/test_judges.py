@@ -101,8 +101,24 @@ def test_lexicon_scorer_by_hand():
 
 
 def test_gold_scorer_names_what_it_expected(tmp_path):
-    with pytest.raises(ValueError, match="expected 'lexicon' or a directory written by"):
+    with pytest.raises(ValueError, match=r"expected 'lexicon', .* or a directory written by"):
         gold_scorer(str(tmp_path))
+
+
+def test_lexicon_gold_with_its_own_length_budget():
+    scorer = gold_scorer("lexicon:max_words=5,overlength_penalty=0.25")
+    # 8 words, 3 over the budget of 5: 1 positive − 0.25 · 3
+    assert scorer.reward("", "good one two three four five six seven") == 0.25
+    assert gold_scorer("lexicon:overlength_penalty=1").reward("", "w " * 42) == -2.0
+    capped = gold_scorer("lexicon:max_positive=2")
+    # praise saturates at 2: p positive words score 1, 2, then 2 − (p − 2)
+    assert [capped.reward("", "good " * p + "bad") for p in range(6)] == [-1, 0, 1, 0, -1, -2]
+    for spec, message in [("lexicon:max_words=4.5", "max_words must be int, got '4.5'"),
+                          ("lexicon:penalty=1", "option 'penalty=1' is not one of"),
+                          ("lexicon:max_words", "option 'max_words' is not one of"),
+                          ("lexicon:overlength_penalty=-1", "overlength_penalty must be ≥ 0")]:
+        with pytest.raises(ValueError, match=message):
+            gold_scorer(spec)
 
 
 def test_frozen_reward_model_gold_judge(tmp_path):

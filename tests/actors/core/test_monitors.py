@@ -110,6 +110,19 @@ def test_length_alarm_when_proxy_pays_for_growing_length():
     assert "monitors.length_corr_gap" in alarm.message
 
 
+@pytest.mark.parametrize(("min_slope", "fires"), [(0.0, True), (0.9, True), (1.0, False),
+                                                  (2.5, False)])
+def test_length_alarm_needs_the_rise_above_its_noise_floor(min_slope, fires):
+    # The exploiting batches above rise exactly 1 word/iteration; the floor is strict.
+    batches = [_batch(0, lengths=(1, 2, 3, 4)), _batch(1, lengths=(2, 3, 4, 5)),
+               _batch(3, lengths=(4, 5, 6, 7))]
+    report, _ = _run(batches, MonitorsConfig(length_min_slope=min_slope))
+    assert report.metrics["monitor/alarm/length"] == float(fires)
+    assert [a.name for a in report.alarms if a.name == "length"] == (["length"] if fires else [])
+    if fires:
+        assert f"(> {min_slope:g})" in report.alarms[0].message
+
+
 @pytest.mark.parametrize(("lengths_per_iter", "proxy", "gold"), [
     # Length flat (slope 0) although the RM pays for it: nothing is being exploited yet.
     ([(4, 5, 6, 7)] * 3, (0, 2, 1, 5), (0, 1, 0, 0)),
