@@ -16,6 +16,10 @@ One update: every rank scores and evaluates (π_old, π_ref, V_old) its contiguo
 batch; the chunks are all-gathered so each rank builds the same `Experience` (rewards, GAE,
 whitening over the whole batch); then `ppo.epochs` × minibatches of `ppo.minibatch_size` rows,
 each rank training on its share (`run_ppo_epochs`). β is updated once per batch.
+
+A batch whose `policy_version` is older than the trainer's last published version (the loop's
+overlapped rollout samples one version behind) is trained with decoupled PPO: its advantages are
+weighted per token by min(π_old / π_sampler, `ppo.stale_is_cap`) (`truncated_is_weights`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +37,9 @@ import torch
 from actors.core.ensemble import EnsembleSettings, combine
 from actors.core.kl_control import make_kl_controller
 from actors.core.policy import load_policy
+from actors.core.ppo_math import masked_mean, truncated_is_weights
 from actors.core.ppo_step import (
+    Experience,
     PolicyInputs,
     RolloutEval,
     build_experience,
@@ -83,7 +89,9 @@ class PPOResult:
             `ppo/explained_variance`, `ppo/kl_coef`; the batch's `ppo/mean_reward`,
             `ppo/mean_kl`, `ppo/mean_non_score_reward`, `ppo/mean_response_tokens`,
             `ppo/sampler_logprob_gap`; `ppo/rm_version`, `ppo/tokens_per_s` (real tokens of the
-            batch per second of update) and `timing/ppo_update` (seconds).
+            batch per second of update) and `timing/ppo_update` (seconds). A stale batch adds
+            `ppo/staleness` (versions behind), `ppo/is_weight_mean` and `ppo/is_capped_frac`
+            (share of tokens whose weight hit the cap).
         rewards: `(N,)` float32 sequence rewards of the batch rows (before KL shaping).
         rm_version: Version of the reward model that scored them.
         history: Per optimizer step, the global minibatch's `PPOStats.as_metrics()`.
@@ -213,6 +221,9 @@ class PPOTrainer:
         scores = combine(members, self.ensemble.combine, self.ensemble.k)  # (N,)
         exp = build_experience(inputs, evaluated, scores, self.kl.value, self.cfg,
                                sampler_logprobs=batch.logprobs)
+        # the weights are the last published version: the loop publishes after every update
+        stale = batch.policy_version is not None and batch.policy_version < self.published
+        exp, stale_metrics = self._decouple(exp, batch) if stale else (exp, {})
 
         def step(loss: torch.Tensor) -> None:
             self.engine.backward(loss)
@@ -228,12 +239,25 @@ class PPOTrainer:
         self.kl.update(float(exp.kl.mean()), exp.num_rows)
         self.updates += 1
         seconds = time.perf_counter() - start
-        metrics = update_metrics(exp, history) | {
+        metrics = update_metrics(exp, history) | stale_metrics | {
             "ppo/rm_version": float(self.rm_version),
             "ppo/tokens_per_s": float(inputs.attention_mask.sum()) / seconds,
             "timing/ppo_update": seconds}
         return PPOResult(metrics=metrics, rewards=scores, rm_version=self.rm_version,
                          history=tuple(s.as_metrics() for s in history))
+
+    def _decouple(self, exp: Experience, batch: RolloutBatch
+                  ) -> tuple[Experience, dict[str, float]]:
+        """A batch sampled by an older policy version: each token's advantage weighted by
+        w = min(π_old / π_sampler, c), the decoupled-PPO correction (`truncated_is_weights`;
+        a fixed w ≥ 0 multiplies the clipped term exactly as it multiplies A)."""
+        mask = exp.inputs.response_mask  # (N, Tr)
+        cap = self.cfg.stale_is_cap
+        weights = truncated_is_weights(exp.old_logprobs, batch.logprobs, mask, cap)  # (N, Tr)
+        return replace(exp, advantages=exp.advantages * weights), {
+            "ppo/staleness": float(self.published - batch.policy_version),
+            "ppo/is_weight_mean": float(masked_mean(weights, mask)),
+            "ppo/is_capped_frac": float(masked_mean((weights >= cap).float(), mask))}
 
     def _gathered(self):
         import deepspeed

@@ -24,10 +24,23 @@ ledger grows.
    every candidate (`rm.promotion_tolerance=1`): this measures time, not quality.
    refresh_growth = median(N=largest) / median(N=smallest). Goal: ≤ 1.2.
 
+3. **Synchronous vs overlapped rollout.** The tiny campaign runs `--overlap-repeats` times
+   each way, `campaign.overlap_rollout` false and true, taking turns (sync first in even rounds,
+   overlap first in odd ones, so that drift in the machine's load reaches both alike), each
+   `--overlap-iterations` long with one checkpoint at the end (so overlap samples ahead in all
+   iterations but the last). Per run: loop seconds per iteration (the loop wall of part 1 over
+   its iterations; start-up excluded). overlap_speedup = median(sync) / median(overlap). Ray
+   pins each fractional-CPU actor to one torch thread, so on 2 cores a rollout and a PPO update
+   really run at once. overlap_ideal = sync / (sync − its rollout stage): the speedup if hiding
+   the rollout cost nothing else; the two modes sample different replies (from the policy one
+   version apart), so their other stages need not take the same time.
+
     .venv/bin/python bench/loop.py                          # tiny + demo (2 iterations) + growth
     .venv/bin/python bench/loop.py --configs tiny --sizes 1000 10000 --repeats 2   # a quick look
+    .venv/bin/python bench/loop.py --configs --sizes --overlap-repeats 5   # only sync vs overlap
 
-Ends with `RESULT overhead=… refresh_growth=… …` (overhead: the largest over the configs run).
+Ends with `RESULT overhead=… refresh_growth=… … overlap_speedup=…` (overhead: the largest over
+the configs run).
 """
 
 from __future__ import annotations
@@ -72,16 +85,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--replay-window", type=int, default=512,
                         help="rm.replay_window; below the smallest size, so that every size "
                              "reads a full window")
+    parser.add_argument("--overlap-repeats", type=int, default=3,
+                        help="tiny campaigns per mode, sync vs overlap (0: skip part 3)")
+    parser.add_argument("--overlap-iterations", type=int, default=8)
+    parser.add_argument("--overlap-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra overrides of both modes' tiny campaigns")
     return parser.parse_args()
 
 
 # -- part 1: stages and overhead -------------------------------------------------------------
 
-def run_campaign(config: str, iterations: int, run_dir: Path) -> float:
-    """Run one campaign in its own process; returns its wall time."""
+def run_campaign(config: str, iterations: int, run_dir: Path, checkpoint_every: int = 0,
+                 overrides: tuple[str, ...] = ()) -> float:
+    """Run one campaign in its own process; returns its wall time. `checkpoint_every` 0:
+    half the iterations."""
+    every = checkpoint_every or max(1, iterations // 2)
     cmd = [sys.executable, "-m", "loop.main", "run", CONFIGS[config],
            f"campaign.run_dir={run_dir}", f"campaign.iterations={iterations}",
-           f"campaign.checkpoint_every={max(1, iterations // 2)}", "metrics.progress=lines"]
+           f"campaign.checkpoint_every={every}", "metrics.progress=lines", *overrides]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -215,17 +236,53 @@ def part_growth(sizes: list[int], fresh: int, repeats: int, replay_window: int) 
     return medians[max(sizes)] / medians[min(sizes)]
 
 
+# -- part 3: synchronous vs overlapped rollout -----------------------------------------------
+
+def part_overlap(repeats: int, iterations: int, extra: list[str]) -> dict[str, float]:
+    """Tiny campaigns with `campaign.overlap_rollout` false and true, taking turns; returns
+    the medians of loop seconds per iteration and their ratio."""
+    print(f"\nsync vs overlapped rollout: tiny, {iterations} iterations, checkpoint at the end, "
+          f"{repeats} run(s) each, taking turns")
+    per_it: dict[str, list[float]] = {"sync": [], "overlap": []}
+    stages: dict[str, list[dict[str, float]]] = {"sync": [], "overlap": []}
+    for k in range(repeats):
+        for mode in (("sync", "overlap") if k % 2 == 0 else ("overlap", "sync")):
+            overrides = (f"campaign.overlap_rollout={str(mode == 'overlap').lower()}", *extra)
+            with tempfile.TemporaryDirectory(prefix=f"bench-loop-{mode}-") as tmp:
+                run_dir = Path(tmp) / "tiny"
+                run_campaign("tiny", iterations, run_dir, iterations, overrides)
+                medians, wall, _, n = stage_report(run_dir / "metrics.jsonl")
+            per_it[mode].append(wall / n)
+            stages[mode].append(medians)
+            print(f"  round {k}: {mode:<7} {wall / n:.3f}s per iteration (loop wall {wall:.1f}s, "
+                  f"{n} iterations); median rollout {medians['rollout']:.3f}s, rollout wait "
+                  f"{medians.get('rollout_wait', 0.0):.3f}s, RM refresh "
+                  f"{medians['rm_refresh']:.3f}s, PPO {medians['ppo']:.3f}s", flush=True)
+    sync, overlap = (statistics.median(per_it[m]) for m in ("sync", "overlap"))
+    rollout = statistics.median(s["rollout"] for s in stages["sync"])
+    ideal = sync / max(sync - rollout, 1e-9)
+    print(f"  median: sync {sync:.3f}s, overlap {overlap:.3f}s per iteration → speedup "
+          f"{sync / overlap:.3f} (ideal, the sync rollout stage of {rollout:.3f}s hidden: "
+          f"{ideal:.3f})")
+    return {"overlap_speedup": sync / overlap, "sync_s_per_it": sync,
+            "overlap_s_per_it": overlap, "overlap_ideal": ideal}
+
+
 def main() -> None:
     args = parse_args()
     iterations = {"tiny": args.tiny_iterations, "demo": args.demo_iterations}
     overheads = part_stages(args.configs, iterations) if args.configs else {}
     growth = (part_growth(args.sizes, args.fresh, args.repeats, args.replay_window)
               if args.sizes else float("nan"))
+    overlap = (part_overlap(args.overlap_repeats, args.overlap_iterations, args.overlap_set)
+               if args.overlap_repeats else {})
     worst = max(overheads.values()) if overheads else float("nan")
     per_config = " ".join(f"{c}_overhead={o:.4f}" for c, o in overheads.items())
+    overlapped = " ".join(f"{k}={v:.3f}" for k, v in overlap.items())
     print(f"RESULT overhead={worst:.4f} refresh_growth={growth:.3f} {per_config} "
           f"sizes={'/'.join(map(str, args.sizes))} fresh={args.fresh} repeats={args.repeats} "
-          f"replay_window={args.replay_window}")
+          f"replay_window={args.replay_window} {overlapped} "
+          f"overlap_repeats={args.overlap_repeats} overlap_iterations={args.overlap_iterations}")
 
 
 if __name__ == "__main__":

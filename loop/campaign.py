@@ -24,7 +24,7 @@ from actors.labeler import LabelerGroup
 from actors.ppo_trainer import PPOTrainerGroup
 from actors.reward_trainer import RewardTrainerGroup
 from actors.rollout import RolloutGroup
-from loop.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from loop.checkpoint import checkpoints_after, latest_checkpoint, load_state, save_checkpoint
 from loop.config import Config
 from loop.iteration import CampaignLoop, timed
 from loop.placement import Placement, plan_bundles, reserve
@@ -216,7 +216,8 @@ def resume_from_checkpoint(loop: CampaignLoop, run_dir: Path, say: Reporter) -> 
 def iterate(loop: CampaignLoop, cfg: Config, ledger: Ledger, sink: MetricSink,
             say: Reporter, run_dir: Path) -> None:
     """Run the remaining iterations, logging each one's metrics everywhere, checkpointing
-    every campaign.checkpoint_every iterations and after the last."""
+    every campaign.checkpoint_every iterations and after the last (with no batch sampled ahead
+    pending: `CampaignLoop.sample_ahead`)."""
     total = cfg.campaign.iterations
     with CampaignProgress(cfg.metrics.progress, total, loop.state.iteration) as progress:
         while loop.state.iteration < total:
@@ -233,7 +234,10 @@ def iterate(loop: CampaignLoop, cfg: Config, ledger: Ledger, sink: MetricSink,
                 f"iteration {step}/{total}: {latest}, {int(metrics['label/labeled'])} labels, "
                 f"policy v{loop.state.policy_version}, RM v{loop.rm.serving.version} "
                 f"({metrics['timing/iteration']:.1f}s)"), latest)
-            if step % cfg.campaign.checkpoint_every == 0 or step == total:
+            if checkpoints_after(step, cfg.campaign.checkpoint_every, total):
+                if loop.ahead is not None:  # CampaignLoop.sample_ahead never crosses one
+                    raise RuntimeError(f"iteration {step}: a batch sampled ahead is pending at "
+                                       "a checkpoint; a resumed campaign would not have it")
                 path = save_checkpoint(run_dir, loop.state, loop.rm.serving.version,
                                        loop.ppo.save_checkpoint)
                 say(f"checkpoint {path}")

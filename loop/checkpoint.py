@@ -10,6 +10,10 @@
 A checkpoint is built in a `.partial` directory and renamed into place after `COMPLETE` is on
 disk, so a crash at any moment leaves either the previous complete checkpoint or the new one;
 `latest_checkpoint` ignores anything without the marker.
+
+No rollout batch sampled ahead (`campaign.overlap_rollout`) is ever pending at a checkpoint: the
+iteration that a checkpoint follows samples none ahead (`checkpoints_after`), in an uninterrupted
+campaign as in a resumed one, so both run the same iterations on the same batches.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ from loop.state import LoopState
 
 MARKER = "COMPLETE"
 STATE_FILE = "loop.json"
+
+
+def checkpoints_after(step: int, every: int, total: int) -> bool:
+    """Whether the campaign checkpoints once `step` iterations are done: every `every`
+    iterations and after the last (`campaign.checkpoint_every`, `campaign.iterations`)."""
+    return step % every == 0 or step >= total
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -53,9 +53,21 @@ class CampaignConfig(Section):
     checkpoint_every: PositiveInt = 1
     """Write an atomic checkpoint every N iterations."""
     overlap_rollout: bool = False
-    """Overlap the next rollout with RM/PPO work (staleness bound: one policy version)."""
+    """Sample the next iteration's batch while this one's RM refresh and PPO run: that batch
+    comes from the policy one version behind the one it trains (staleness ≤ 1, recorded in the
+    ledger; PPO weights it by `ppo.stale_is_cap`). No batch is sampled ahead across a
+    checkpoint, so needs `checkpoint_every` ≥ 2. False: synchronous."""
     prompts: PromptsConfig = PromptsConfig()
     """Prompt source of the rollouts."""
+
+    @model_validator(mode="after")
+    def _overlap_needs_room(self) -> CampaignConfig:
+        if self.overlap_rollout and self.checkpoint_every == 1:
+            raise ValueError(
+                "campaign.overlap_rollout=true samples no batch ahead across a checkpoint, and "
+                "campaign.checkpoint_every=1 checkpoints after every iteration, so nothing "
+                "would overlap: set campaign.checkpoint_every to 2 or more")
+        return self
 
 
 class ModelSpec(Section):
@@ -258,6 +270,9 @@ class PPOConfig(Section):
     """A separate value network instead of a value head on the policy backbone."""
     max_grad_norm: PositiveFloat = 1.0
     """Gradient clipping."""
+    stale_is_cap: Annotated[float, Field(ge=1.0)] = 2.0
+    """c of the truncated importance weight min(π_old/π_sampler, c) on each token of a batch
+    sampled by an older policy version (`campaign.overlap_rollout`); fresh batches: no weight."""
     kl: KLConfig = KLConfig()
     """KL penalty against the frozen reference policy."""
 

@@ -7,6 +7,18 @@ per stage and records `timing/<stage>` for each. Everything that must survive a 
 ledger row (generations, comparisons, preferences, model versions, metrics, alarms); large
 tensors (the rollout batch, weights) travel as ObjectRefs.
 
+Synchronous by default. With `campaign.overlap_rollout`, iteration i starts the rollout of
+batch i+1 once batch i is labeled, while the workers still hold v_i, and RM refresh and PPO run
+meanwhile; the driver waits for that batch before it publishes v_{i+1}:
+
+    rollout i ─ pair ─ label ─ sample ahead ─ RM refresh ─ PPO ─ rollout wait ─ publish v_{i+1} …
+                                    └── batch i+1 sampled by v_i ──────────┘
+
+so batch i+1 trains v_{i+1} one version stale, never more (`check_staleness`); PPO weights it
+(`ppo.stale_is_cap`), and the ledger's policy row records the batch's version and staleness.
+No batch is sampled ahead across a checkpoint (`loop.checkpoint.checkpoints_after`): a resumed
+campaign runs the same iterations as an uninterrupted one.
+
 An alarm acts on the iterations after it, as `monitors.action` says (`act_on`): PPO pauses, β
 rises, or the RM refreshes off schedule; each action taken is a `monitor/action/…` metric, so it
 reaches the JSONL log and the ledger's metric rows next to the `monitor/alarm/…` that caused it.
@@ -27,12 +39,63 @@ from actors.core.sampling import RolloutBatch
 from actors.labeler import LabelerGroup
 from actors.ppo_trainer import PPOTrainerGroup
 from actors.rollout import RolloutGroup
+from loop.checkpoint import checkpoints_after
 from loop.config import Config
 from loop.pairing import plan_pairs
 from loop.prompts import PromptStream
 from loop.rm_refresh import RMService
 from loop.state import LoopState
 from storage.ledger import Ledger
+
+MAX_STALENESS = 1
+"""Policy versions a trained batch may lag the policy it trains (`campaign.overlap_rollout`)."""
+
+
+class StalenessError(RuntimeError):
+    """A rollout batch sampled by a policy older than the staleness bound reached PPO."""
+
+
+def check_staleness(sampled: int, current: int, bound: int = MAX_STALENESS) -> int:
+    """How many versions a batch sampled by policy `sampled` lags the policy `current` that it
+    trains; `StalenessError` when that is more than `bound` (or negative)."""
+    lag = current - sampled
+    if not 0 <= lag <= bound:
+        raise StalenessError(
+            f"a rollout batch sampled by policy v{sampled} would train policy v{current}: "
+            f"{lag} version(s) stale, outside [0, {bound}] (campaign.overlap_rollout samples "
+            "at most one version ahead)")
+    return lag
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One iteration's rollout batch and the policy version that sampled it.
+
+    Attributes:
+        iteration: The iteration whose prompts it answers.
+        policy_version: The batch's own stamp (the worker's weights), or, for a batch without
+            one, the version the driver had published when it asked.
+        batch: The `RolloutBatch`.
+    """
+
+    iteration: int
+    policy_version: int
+    batch: RolloutBatch
+
+
+@dataclass(frozen=True)
+class PendingRollout:
+    """A rollout the workers were asked for and the driver has not collected yet.
+
+    Attributes:
+        iteration: The iteration whose prompts it answers.
+        asked_at: The policy version the workers held when asked.
+        handle: What `RolloutGroup.generate` returned, for `RolloutGroup.collect`.
+    """
+
+    iteration: int
+    asked_at: int
+    handle: object
 
 
 @contextmanager
@@ -57,40 +120,78 @@ class CampaignLoop:
     gold: Scorer
     say: Callable[[str], None]
     state: LoopState = field(default_factory=LoopState)
+    ahead: Rollout | None = None
+    """The next iteration's batch, sampled during this one (overlap; never checkpointed)."""
 
     def run_iteration(self) -> dict[str, float]:
         """One turn of the loop; returns the iteration's metrics (all prefixes)."""
         m: dict[str, float] = {}
         it = self.state.iteration
         with timed(m, "rollout"):
-            batch = self.generate(it)
+            rollout, staleness = self.take_rollout(it)
+            batch = rollout.batch
         with timed(m, "pair"):
             queued = self.queue_pairs(batch, it)
         with timed(m, "label"):
             counts = self.labelers.label(queued)
+        with timed(m, "sample_ahead"):  # overlap: batch i+1 samples from here to rollout_wait
+            pending = self.sample_ahead(it + 1)
         with timed(m, "rm_refresh"):
             refreshed = self.maybe_refresh_rm(it)
         with timed(m, "ppo"):
             proxy, ppo = self.optimize(batch)
+        with timed(m, "rollout_wait"):  # batch i+1 is done before v_{i+1} reaches the workers
+            self.ahead = self.finish(pending)
         with timed(m, "publish"):
             if not ppo["ppo/paused"]:  # a paused iteration leaves the policy as it was
-                self.publish_policy()
+                self.publish_policy(rollout.policy_version, staleness)
         with timed(m, "monitors"):
             report = self.monitor(batch, proxy, ppo, refreshed, it)
         actions = self.act_on(report.alarms, it)
         m.update(batch.metrics() | counts.as_metrics() | ppo | report.metrics | actions
                  | {"label/queued": float(queued), "rm/serving_version":
-                    float(self.rm.serving.version)} | refreshed)
+                    float(self.rm.serving.version), "rollout/staleness": float(staleness),
+                    "rollout/policy_version": float(rollout.policy_version)} | refreshed)
         self.state.iteration += 1
         return m
 
-    def generate(self, iteration: int) -> RolloutBatch:
-        """Rollout: this iteration's prompts, K samples each, logged with the policy version."""
+    def take_rollout(self, iteration: int) -> tuple[Rollout, int]:
+        """Rollout: this iteration's batch — sampled during the last iteration (overlap), or
+        now — and its staleness, checked against `MAX_STALENESS`."""
+        rollout, self.ahead = self.ahead, None
+        if rollout is None:
+            rollout = self.finish(self.start_rollout(iteration))
+        if rollout.iteration != iteration:
+            raise RuntimeError(f"iteration {iteration} was handed the batch of iteration "
+                               f"{rollout.iteration}")
+        return rollout, check_staleness(rollout.policy_version, self.state.policy_version)
+
+    def start_rollout(self, iteration: int) -> PendingRollout:
+        """Ask the workers for this iteration's prompts, K samples each, logged with the policy
+        version they hold (generation runs in the workers; nothing waits here)."""
         prompts = self.prompts.batch(iteration)
         seed = self.cfg.campaign.seed * 100_003 + iteration
-        refs = self.rollout.generate(prompts, seed=seed,
-                                     sample_offset=iteration * self.cfg.rollout.samples_per_prompt)
-        return self.rollout.collect(refs)
+        handle = self.rollout.generate(
+            prompts, seed=seed, sample_offset=iteration * self.cfg.rollout.samples_per_prompt)
+        return PendingRollout(iteration, self.state.policy_version, handle)
+
+    def finish(self, pending: PendingRollout | None) -> Rollout | None:
+        """Wait for a started rollout and collect its batch (None: none was started)."""
+        if pending is None:
+            return None
+        batch = self.rollout.collect(pending.handle)
+        version = pending.asked_at if batch.policy_version is None else batch.policy_version
+        return Rollout(pending.iteration, version, batch)
+
+    def sample_ahead(self, iteration: int) -> PendingRollout | None:
+        """Overlap: start the rollout of `iteration` now, while the workers hold the policy
+        that this iteration's PPO updates. Never across a checkpoint (the batch would not
+        survive a resume) nor past the last iteration; None when not started."""
+        c = self.cfg.campaign
+        if not c.overlap_rollout or checkpoints_after(iteration, c.checkpoint_every,
+                                                      c.iterations):
+            return None
+        return self.start_rollout(iteration)
 
     def queue_pairs(self, batch: RolloutBatch, iteration: int) -> int:
         """Pair: queue comparisons of this batch's samples; returns how many were queued."""
@@ -176,14 +277,16 @@ class CampaignLoop:
         self.say(f"ACTION {mon.action} after iteration {iteration} ({names}): {effect}")
         return metrics
 
-    def publish_policy(self) -> None:
-        """Publish: the updated policy to the rollout workers (one ray.put) and the ledger."""
+    def publish_policy(self, rollout_version: int, staleness: int) -> None:
+        """Publish: the updated policy to the rollout workers (one ray.put) and the ledger,
+        whose row names the RM it optimized and the policy version that sampled its batch."""
         version = self.state.policy_version + 1
         weights = self.ppo.publish(version)
         self.rollout.publish(version, weights)
-        self.ledger.record_model_version(self.cfg.campaign.name, "policy", version,
-                                         parent_version=self.state.policy_version,
-                                         metrics={"rm_version": self.rm.serving.version})
+        self.ledger.record_model_version(
+            self.cfg.campaign.name, "policy", version, parent_version=self.state.policy_version,
+            metrics={"rm_version": self.rm.serving.version,
+                     "rollout_policy_version": rollout_version, "staleness": staleness})
         self.state.policy_version = version
 
     def monitor(self, batch: RolloutBatch, proxy: torch.Tensor, ppo: dict[str, float],

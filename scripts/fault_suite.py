@@ -2,8 +2,9 @@
 print what held.
 
 Each test injects one fault (a SIGKILL mid-checkpoint, a labeler process dying after its
-commit, a poisoning annotator, an UPDATE/DELETE of a fact) or is the negative control that
-shows its check can fail. PostgreSQL cases use ``$PREFLOOP_TEST_PG_URL``, else a throwaway
+commit, a poisoning annotator, an UPDATE/DELETE of a fact, a node lost with its rollout
+objects, 3× the object store in rollouts) or is the negative control that shows its check can
+fail. PostgreSQL cases use ``$PREFLOOP_TEST_PG_URL``, else a throwaway
 server started here with ``.ci/postgres.sh`` (stopped at the end).
 
 Usage: ``python scripts/fault_suite.py [-k EXPR] [--no-pg-start]``. Prints a table (test ->

@@ -14,6 +14,15 @@ state follows its last real token (EOS or the token budget alike).
 Expectations E[·] are means over the real tokens of a minibatch. Names follow cleanrl/torchtune.
 The KL coefficient β comes from `actors.core.kl_control`.
 
+A batch sampled by an older policy μ (the loop's overlapped rollout) is trained with decoupled
+PPO (Hilton et al. 2022): the clip stays centred on π_old, the trainer's own policy before the
+update, and each token's policy-gradient term is weighted by the truncated importance weight
+
+    w_t   = min(π_old(a_t) / μ(a_t), c)                    (truncation as V-trace's ρ̄, IMPALA)
+    L_pg  = E[w · max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε))]
+
+(`truncated_is_weights`). A fresh batch (μ = π_old) takes no weight.
+
 >>> adv, ret = gae(torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2), torch.ones(1, 2),
 ...                gamma=1.0, lam=0.5)
 >>> adv.tolist()  # A_1 = 1, A_0 = 0 + 0.5 · 1
@@ -311,6 +320,37 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
         clipfrac = masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
     return PolicyLoss(loss=loss, clipfrac=clipfrac, approx_kl=approx_kl)
+
+
+@torch.no_grad()
+def truncated_is_weights(old_logprobs: Tensor, behavior_logprobs: Tensor, mask: Tensor,
+                         cap: float) -> Tensor:
+    """Per-token truncated importance weights w_t = min(exp(log π_old − log μ), c).
+
+    μ is the behaviour policy that sampled the tokens (an older version of the policy), π_old the
+    policy the update starts from. Weighting PPO's clipped term by w_t corrects the expectation
+    from μ's samples to π_old's (decoupled PPO); the cap c bounds the variance a token that μ
+    found unlikely would add. As w_t ≥ 0 carries no gradient, w·max(−A·ratio, −A·clip(ratio)) =
+    max(−(w·A)·ratio, −(w·A)·clip(ratio)): the weight folds into the advantages.
+
+    Args:
+        old_logprobs: `(B, T)` log π_old of the sampled tokens.
+        behavior_logprobs: `(B, T)` log μ of the same tokens (the sampler's).
+        mask: `(B, T)` bool or 0/1.
+        cap: c ≥ 1.
+
+    Returns:
+        `(B, T)` float32 weights in [0, c]; 0 on padding.
+
+    >>> truncated_is_weights(torch.tensor([[-1.0, -1.0, 0.0]]), torch.tensor([[-1.5, 0.0, 9.0]]),
+    ...                      torch.tensor([[1, 1, 0]]), cap=1.5).tolist()  # e^0.5 > 1.5: capped
+    [[1.5, 0.3678794503211975, 0.0]]
+    """
+    if cap < 1.0:
+        raise ValueError(f"the importance-weight cap must be ≥ 1, got {cap}")
+    log_w = old_logprobs.float() - behavior_logprobs.float()  # (B, T)
+    weights = torch.clamp(torch.exp(log_w), max=cap)  # (B, T)
+    return torch.where(mask.bool(), weights, torch.zeros_like(weights))
 
 
 @dataclass(frozen=True)

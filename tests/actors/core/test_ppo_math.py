@@ -20,6 +20,7 @@ from actors.core.ppo_math import (
     masked_var,
     place_step_rewards,
     policy_loss,
+    truncated_is_weights,
     value_loss,
     whiten,
 )
@@ -231,6 +232,61 @@ def test_clipped_objective_has_zero_gradient_outside_the_clip_range():
     assert torch.all(grad[clipped] == 0)
     assert torch.allclose(grad[~clipped], (-advantages * ratio / 8)[~clipped], rtol=1e-12)
     assert torch.all(grad[~clipped] != 0)
+
+
+def test_truncated_is_weights_hand_numbers():
+    old = t64([[-1.0, -2.0, -0.5, -3.0, 0.0]])  # last token is padding
+    behavior = t64([[-1.0, -1.0, -1.5, -1.0, 50.0]])
+    w = truncated_is_weights(old, behavior, length_mask([4], 5), cap=2.0)
+    # log w = (0, −1, 1, −2): w = (1, e^−1, min(e, 2), e^−2), 0 on padding
+    expected = [[1.0, math.exp(-1.0), 2.0, math.exp(-2.0), 0.0]]
+    assert w.dtype == torch.float32
+    assert torch.allclose(w.double(), t64(expected), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"cap must be ≥ 1, got 0\.5"):
+        truncated_is_weights(old, behavior, length_mask([4], 5), cap=0.5)
+
+
+def test_truncated_is_weights_equal_a_naive_token_loop():
+    gen = torch.Generator().manual_seed(3)
+    old = -torch.rand(4, 6, generator=gen, dtype=torch.float64) * 3
+    behavior = old + torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    lengths = [6, 3, 1, 5]
+    mask = length_mask(lengths, 6)
+    got = truncated_is_weights(old, behavior, mask, cap=1.5)
+    for b in range(4):
+        for t in range(6):
+            want = min(math.exp(old[b, t].item() - behavior[b, t].item()), 1.5) \
+                if t < lengths[b] else 0.0
+            assert got[b, t].item() == pytest.approx(want, rel=1e-6, abs=1e-12), (b, t)
+    assert (got == 1.5).any() and (got[mask] < 1.0).any()  # both branches taken
+
+
+def test_weighted_advantages_give_the_decoupled_ppo_loss_and_gradient():
+    """Folding w into A equals the per-token loop (1/n) Σ w·max(−A·ratio, −A·clip(ratio))."""
+    ratio = t64([[1.5, 0.5, 1.0, 0.5, 3.0]])  # the hand case above; last token is padding
+    advantages = t64([[2.0, 1.0, -1.0, -2.0, 100.0]])
+    weights = t64([[0.5, 2.0, 1.0, 0.25, 0.0]])
+    mask = length_mask([4], 5)
+    old = t64([[-1.0, -2.0, -0.3, -1.2, -0.1]])
+    logprobs = (old + ratio.log()).requires_grad_(True)
+    out = policy_loss(logprobs, old, advantages * weights, mask, clip_range=0.2)
+    # w·max(pg_loss1, pg_loss2) = (0.5·−2.4, 2·−0.5, 1·1, 0.25·1.6) = (−1.2, −1, 1, 0.4)
+    assert out.loss.item() == pytest.approx((-1.2 - 1.0 + 1.0 + 0.4) / 4, rel=1e-12)
+    assert out.clipfrac.item() == pytest.approx(0.5, rel=1e-12)  # w > 0 moves no clip
+    out.loss.backward()
+    naive_lp = (old + ratio.log()).requires_grad_(True)
+    terms = []
+    for t in range(4):
+        r = torch.exp(naive_lp[0, t] - old[0, t])
+        a, w = advantages[0, t], weights[0, t]
+        terms.append(w * torch.maximum(-a * r, -a * torch.clamp(r, 0.8, 1.2)))
+    naive = torch.stack(terms).sum() / 4
+    naive.backward()
+    assert out.loss.item() == pytest.approx(naive.item(), rel=1e-12)
+    assert torch.allclose(logprobs.grad, naive_lp.grad, rtol=1e-12, atol=1e-15)
+    # unclipped tokens 1 and 2: −w·A·ratio / 4 = −2·1·0.5/4 and −1·(−1)·1/4
+    assert torch.allclose(logprobs.grad, t64([[0.0, -0.25, 0.25, 0.0, 0.0]]),
+                          rtol=1e-12, atol=1e-15)
 
 
 def test_value_loss_hand_numbers_and_gradient():
