@@ -83,4 +83,6 @@ def load_state(path: Path) -> tuple[LoopState, int]:
     raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     serving = raw.pop("serving_rm")
     raw["history"] = MonitorHistory.from_dict(raw["history"])
+    # checkpoints written before refreshes were counted: the count was the version then
+    raw.setdefault("rm_refreshes", raw["rm_versions"])
     return LoopState(**raw), serving

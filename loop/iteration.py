@@ -223,7 +223,8 @@ class CampaignLoop:
         self.state.force_rm_refresh = False
         snap = self.rm.snapshot()  # windowed: fresh labels + the replay window
         self.state.rm_versions += 1
-        done = self.rm.refresh(snap, self.state.rm_versions)
+        self.state.rm_refreshes += 1
+        done = self.rm.refresh(snap, self.state.rm_versions, self.state.rm_refreshes)
         self.state.rm_versions = done.version
         self.state.labels_at_refresh = snap.watermark
         if done.promoted:

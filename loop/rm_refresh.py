@@ -213,16 +213,23 @@ class RMService:
                 return snap
             wanted *= 2  # more held-out rows in the window than expected: widen it
 
-    def refresh(self, snap: Snapshot, version: int) -> RMRefresh:
+    def refresh(self, snap: Snapshot, version: int, refresh: int | None = None) -> RMRefresh:
         """Train candidate RM `version` on `snap`, gate it, publish and record it.
+
+        `refresh` is which of the campaign's refreshes this is (default: `version`, which it
+        equals unless a run stopped between a refresh and its next checkpoint: the resumed run
+        redoes that refresh under a new version number). It seeds the replay draw and the
+        ensemble's bootstrap, so a redone refresh trains the same RM as the lost one, and is
+        recorded with the version's metrics (`rm/refresh`).
 
         A rank that dies on the way replaces the whole group and restarts the refresh (at most
         `rm.max_restarts` times; `RMTrainerDied` after that): the version, the weights and the
         ledger rows are those of an undisturbed refresh."""
+        refresh = version if refresh is None else refresh
         deaths: list[str] = []
         while True:
             try:
-                cand = self._candidate(snap, version)
+                cand = self._candidate(snap, version, refresh)
                 break
             except RayError as err:
                 if not isinstance(err, ACTOR_DEATHS) and not self._lost_a_rank():
@@ -249,13 +256,13 @@ class RMService:
         return RMRefresh(version, cand.pairs, cand.ties, cand.published.uri,
                          cand.decision.promote, cand.decision.reason, metrics)
 
-    def _candidate(self, snap: Snapshot, version: int) -> _Candidate:
+    def _candidate(self, snap: Snapshot, version: int, refresh: int) -> _Candidate:
         """Every group call of a refresh: warm start, train, judge, publish (no ledger write)."""
         rm, serving = self.cfg.rm, self.serving
         base = self._base_watermark(snap)
         split = split_refresh(snap.rows, serving.watermark if serving else 0, base,
                               rm.replay_fraction, rm.replay_window, rm.fresh_eval_fraction,
-                              self.cfg.campaign.seed, version)
+                              self.cfg.campaign.seed, refresh)
         pairs, ties = rows_to_pairs([snap.rows[i] for i in split.train], rm.human_label_weight)
         fresh_eval, _ = rows_to_pairs([snap.rows[i] for i in split.fresh_eval])
         gate_set, gate_name = ((fresh_eval, "fresh") if len(fresh_eval) >= rm.promotion_min_pairs
@@ -269,25 +276,26 @@ class RMService:
         self.say(f"RM v{version}: training on {len(pairs)} pairs ({split.fresh} fresh, "
                  f"{split.replay} replayed, {ties} ties left out; snapshot watermark "
                  f"{snap.watermark}; {start})")
-        fit = self._train_candidate(group, pairs, version)
+        fit = self._train_candidate(group, pairs, version, refresh)
         after = group.evaluate(gate_set) if gate_set else None
         if after is not None:
             was = f", serving v{serving.version}: {before.accuracy:.3f}" if before else ""
             self.say(f"RM v{version}: {gate_name}-pair accuracy {after.accuracy:.3f} (ECE "
                      f"{after.ece:.3f}, {after.n} pairs{was})")
         decision = promotion_gate(after, before, rm.promotion_tolerance, gate_name)
-        metrics = self._metrics({**fit.metrics, "rm/steps": float(fit.steps)}, split,
+        metrics = self._metrics({**fit.metrics, "rm/steps": float(fit.steps),
+                                 "rm/refresh": float(refresh)}, split,
                                 len(pairs), after, before, gate_name)
         state = group.state_dict() if decision.promote else None
         published = publish_new_version(self.store, version, group.save, self.say)
         return _Candidate(len(pairs), ties, decision, metrics, published, state)
 
     def _train_candidate(self, group: RewardTrainerGroup, pairs: list[PreferencePair],
-                         version: int) -> FitResult:
+                         version: int, refresh: int) -> FitResult:
         """Fit the group (holding the warm-start weights) on the refresh's pairs."""
         if not pairs:
             raise ValueError(f"RM v{version}: the refresh has no pairs to train on (all ties?)")
-        return group.fit(ray.put(pairs), bootstrap_seed=self.cfg.campaign.seed * 10007 + version)
+        return group.fit(ray.put(pairs), bootstrap_seed=self.cfg.campaign.seed * 10007 + refresh)
 
     def _base_watermark(self, snap: Snapshot | None) -> int:
         """Watermark of the first RM's snapshot (labels after it may be held out); with no RM

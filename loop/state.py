@@ -14,7 +14,10 @@ class LoopState:
     Attributes:
         iteration: Iterations completed (the data position).
         policy_version: Version of the policy the rollout workers hold.
-        rm_versions: RM versions trained so far (the next refresh trains max + 1).
+        rm_versions: The highest RM version number used so far (the next refresh trains the
+            one after; versions a stopped run recorded after its last checkpoint count).
+        rm_refreshes: RM refreshes this campaign's checkpointed history ran, the first RM
+            counting as 1: the next refresh is number `rm_refreshes + 1`, which seeds it.
         labels_at_refresh: Ledger watermark when the serving RM was last refreshed.
         history: Monitor history (windowed summaries).
         pause_ppo: Iterations left whose PPO update an alarm skips (`monitors.action`).
@@ -25,6 +28,7 @@ class LoopState:
     iteration: int = 0
     policy_version: int = 0
     rm_versions: int = 1
+    rm_refreshes: int = 1
     labels_at_refresh: int = 0
     history: MonitorHistory = field(default_factory=MonitorHistory)
     pause_ppo: int = 0

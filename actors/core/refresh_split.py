@@ -11,12 +11,13 @@ A refresh sees the ledger snapshot at a watermark. Its labels fall in three grou
 * **replay**: a seeded sample of older, trainable labels, drawn from the most recent
   `replay_window` of them, sized so that it makes up `replay_fraction` of the training set.
 
-Everything is a function of (snapshot rows, watermarks, config, seed, version), so the training
-set of any RM version rebuilds from the ledger.
+Everything is a function of (snapshot rows, watermarks, config, seed, refresh number), so the
+training set of any RM version rebuilds from the ledger (its row records the refresh number as
+`rm/refresh`).
 
 >>> rows = [Row(p, p) for p in range(1, 11)]  # preference id = comparison id = 1..10
 >>> s = split_refresh(rows, fresh_after=6, base_watermark=0, replay_fraction=0.5,
-...                   replay_window=10, eval_fraction=0.0, seed=0, version=2)
+...                   replay_window=10, eval_fraction=0.0, seed=0, refresh=2)
 >>> (s.fresh, s.replay, sorted(rows[i].preference_id for i in s.train)[-4:])
 (4, 4, [7, 8, 9, 10])
 """
@@ -77,7 +78,7 @@ class RefreshSplit:
 
 def split_refresh(rows: Sequence[LabelRow], fresh_after: int, base_watermark: int,
                   replay_fraction: float, replay_window: int, eval_fraction: float,
-                  seed: int, version: int) -> RefreshSplit:
+                  seed: int, refresh: int) -> RefreshSplit:
     """Split snapshot rows into this refresh's training set and fresh test set.
 
     Args:
@@ -88,7 +89,9 @@ def split_refresh(rows: Sequence[LabelRow], fresh_after: int, base_watermark: in
         replay_window: Replay draws from at most this many of the most recent older rows.
         eval_fraction: Share of comparisons held out (see `held_out`).
         seed: Campaign seed.
-        version: The RM version being trained (seeds the replay draw).
+        refresh: Which of the campaign's refreshes this is (1 for the first RM); seeds the
+            replay draw. Not the version number: a refresh recorded after the last checkpoint
+            keeps its number, and the resumed campaign redoes it under the next one.
 
     Returns:
         The `RefreshSplit`.
@@ -104,7 +107,7 @@ def split_refresh(rows: Sequence[LabelRow], fresh_after: int, base_watermark: in
     older = [i for i in trainable if rows[i].preference_id <= fresh_after][-replay_window:]
     wanted = math.floor(len(fresh) * replay_fraction / (1.0 - replay_fraction) + 1e-9)
     take = min(wanted, len(older))
-    picked = np.random.default_rng([seed, version, 2]).choice(len(older), take, replace=False)
+    picked = np.random.default_rng([seed, refresh, 2]).choice(len(older), take, replace=False)
     replay = [older[j] for j in sorted(picked.tolist())]
     return RefreshSplit(train=tuple(fresh + replay), fresh_eval=fresh_eval, fresh=len(fresh),
                         replay=len(replay))

@@ -231,7 +231,7 @@ def test_audit_to_quarantine_to_training_set_end_to_end(db_url: str):
     # RM training: the refresh split of the new snapshot holds no label of the poisoner.
     split = split_refresh(after.rows, fresh_after=0, base_watermark=after.watermark,
                           replay_fraction=0.0, replay_window=10, eval_fraction=0.0, seed=0,
-                          version=2)
+                          refresh=2)
     assert len(split.train) == len(after.rows)
     assert {after.rows[i].labeler_id for i in split.train} == set(HONEST)
     ledger.record_model_version("c1", "rm", 2, snapshot=after.ref, parent_version=1)

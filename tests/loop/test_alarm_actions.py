@@ -97,7 +97,7 @@ class FakeRM:
     def snapshot(self):
         return self.ledger.snapshot("alarms")
 
-    def refresh(self, snap, version):
+    def refresh(self, snap, version, refresh=None):
         self.refreshes.append(snap.watermark)
         self.serving = SimpleNamespace(version=version, weights=None)
         return SimpleNamespace(version=version, promoted=True, metrics={})

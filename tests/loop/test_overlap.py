@@ -130,7 +130,7 @@ class FakeRM:
     def snapshot(self):
         return self.ledger.snapshot("overlap")
 
-    def refresh(self, snap, version):
+    def refresh(self, snap, version, refresh=None):
         self.ledger.log.events.append(("rm_refresh",))
         self.serving = SimpleNamespace(version=version, weights=None)
         return SimpleNamespace(version=version, promoted=True, metrics={})
@@ -287,7 +287,7 @@ SAMPLED_BY = [0, 0, 2, 2]
 def prefloop(*args: str, child: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(HERE / "overlap_crash_child.py")] if child else ["-m", "loop.main", "run"]
+    cmd = [str(HERE / "crash_child.py"), "sample_ahead"] if child else ["-m", "loop.main", "run"]
     return subprocess.run([sys.executable, *cmd, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -357,13 +357,10 @@ def test_every_generation_and_preference_has_a_known_policy_version(overlap_run)
 @pytest.fixture(scope="module")
 def crashed_and_resumed(tmp_path_factory) -> tuple[Path, dict, str]:
     """The same campaign crashed in iteration 2 once batch 3, sampled ahead by v2, is in the
-    ledger (`overlap_crash_child.py`), then resumed with `prefloop run --resume`.
+    ledger (`crash_child.py sample_ahead`), then resumed with `prefloop run --resume`.
 
-    The crash comes before the iteration's RM refresh: a refresh recorded after the last
-    checkpoint keeps its version number, so the resumed refresh trains the next number, and the
-    refresh split is seeded by the version (`loop.rm_refresh`) — a different RM whatever the
-    rollout mode. That is the resume contract of any crash inside an iteration; this test is
-    about the batch sampled ahead."""
+    The crash comes before the iteration's RM refresh, so the RM versions keep their numbers; a
+    crash after one is `test_resume_mid_iteration`'s."""
     run_dir = tmp_path_factory.mktemp("overlap") / "crashed"
     crashed = prefloop("configs/tiny.yaml", f"campaign.run_dir={run_dir}", *RUN, child=True)
     assert crashed.returncode != 0 and "injected crash with batch 3 sampled ahead" in (

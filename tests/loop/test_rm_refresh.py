@@ -39,8 +39,8 @@ class CorruptingService(RMService):
 
     corrupt = True
 
-    def _train_candidate(self, group, pairs, version):
-        fit = super()._train_candidate(group, pairs, version)
+    def _train_candidate(self, group, pairs, version, refresh):
+        fit = super()._train_candidate(group, pairs, version, refresh)
         if not self.corrupt or self.serving is None:
             return fit
         state = unpack_state(ray.get(self.serving.weights))

@@ -21,7 +21,7 @@ def ids(all_rows, indices) -> list[int]:
 def test_first_rm_trains_on_everything_and_holds_nothing_out():
     r = rows(50)
     split = split_refresh(r, fresh_after=0, base_watermark=0, replay_fraction=0.5,
-                          replay_window=100, eval_fraction=0.0, seed=0, version=1)
+                          replay_window=100, eval_fraction=0.0, seed=0, refresh=1)
     assert ids(r, split.train) == list(range(1, 51))
     assert (split.fresh, split.replay, split.fresh_eval) == (50, 0, ())
 
@@ -29,22 +29,22 @@ def test_first_rm_trains_on_everything_and_holds_nothing_out():
 def test_replay_is_sized_by_fraction_and_drawn_from_the_recent_window():
     r = rows(100)
     split = split_refresh(r, fresh_after=90, base_watermark=100, replay_fraction=0.75,
-                          replay_window=20, eval_fraction=0.0, seed=3, version=4)
+                          replay_window=20, eval_fraction=0.0, seed=3, refresh=4)
     assert split.fresh == 10 and ids(r, split.train[:10]) == list(range(91, 101))
     assert split.replay == 20  # wants floor(10 · 0.75 / 0.25) = 30; the window holds 20
     assert sorted(ids(r, split.train[10:])) == list(range(71, 91))  # the whole window
     split = split_refresh(r, fresh_after=90, base_watermark=100, replay_fraction=0.2,
-                          replay_window=20, eval_fraction=0.0, seed=3, version=4)
+                          replay_window=20, eval_fraction=0.0, seed=3, refresh=4)
     assert split.replay == 2  # floor(10 · 0.2 / 0.8) = 2.5 → 2
     replayed = ids(r, split.train[10:])
     assert all(71 <= p <= 90 for p in replayed) and len(set(replayed)) == 2
     again = split_refresh(r, fresh_after=90, base_watermark=100, replay_fraction=0.2,
-                          replay_window=20, eval_fraction=0.0, seed=3, version=4)
+                          replay_window=20, eval_fraction=0.0, seed=3, refresh=4)
     assert again == split  # a function of its inputs: rebuildable
     other = [split_refresh(r, fresh_after=90, base_watermark=100, replay_fraction=0.2,
-                           replay_window=20, eval_fraction=0.0, seed=3, version=v).train
+                           replay_window=20, eval_fraction=0.0, seed=3, refresh=v).train
              for v in range(5, 15)]
-    assert len(set(other)) > 1  # each version draws its own replay
+    assert len(set(other)) > 1  # each refresh draws its own replay
 
 
 def test_held_out_comparisons_are_stable_and_never_trained_on():
@@ -57,7 +57,7 @@ def test_held_out_comparisons_are_stable_and_never_trained_on():
     for fresh_after in (2000, 3000):
         split = split_refresh(r, fresh_after=fresh_after, base_watermark=1000,
                               replay_fraction=0.5, replay_window=4000, eval_fraction=0.25,
-                              seed=7, version=3)
+                              seed=7, refresh=3)
         trained = set(ids(r, split.train))
         evaluated = set(ids(r, split.fresh_eval))
         held = {row.preference_id for row, c in zip(r, chosen, strict=True)
