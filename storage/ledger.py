@@ -32,6 +32,7 @@ from storage.people import QuarantineRow
 from storage.records import (
     TRAINING_KINDS,
     Annotator,
+    AuditNote,
     AuditRow,
     Campaign,
     Claim,
@@ -178,9 +179,20 @@ class Ledger:
         pref: NewPreference,
         lease_owner: str | None = None,
         now: datetime | None = None,
+        audit: AuditNote | None = None,
     ) -> Recorded:
-        """Record one preference; see ``record_preferences``."""
-        return self.record_preferences(campaign, [pref], lease_owner, now)[0]
+        """Record one preference; see ``record_preferences``. With ``audit``, its audit row is
+        appended in the same transaction (one commit instead of two)."""
+        if audit is None:
+            return self.record_preferences(campaign, [pref], lease_owner, now)[0]
+        when = now or utcnow()
+
+        def record(conn: Connection, cid: int) -> Recorded:
+            rec = labels.record_preferences(conn, cid, [pref], lease_owner, when)[0]
+            people.add_audit(conn, audit.who, audit.describe(rec), audit.request_hash, when)
+            return rec
+
+        return self._in_campaign(campaign, record)
 
     def record_preferences(
         self,

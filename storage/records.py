@@ -6,7 +6,7 @@ across processes and Ray actors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -139,6 +139,16 @@ class Recorded:
 
     id: int
     created: bool
+
+
+@dataclass(frozen=True)
+class AuditNote:
+    """An audit row to append with a write: who, the sha256 (hex) of the request body, and
+    what happened, worded from the write's result."""
+
+    who: str
+    request_hash: str
+    describe: Callable[[Recorded], str]
 
 
 @dataclass(frozen=True)

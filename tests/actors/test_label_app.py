@@ -17,12 +17,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from actors import label_service
 from actors.label_app import LabelSettings, UnsafeBind, create_app
 from actors.label_gate import TokenBucket, is_loopback
 from actors.label_server import serve_in_thread
 from storage.db import engine_for
 from storage.ledger import Ledger
-from storage.records import NewComparison, NewGeneration
+from storage.records import NewComparison, NewGeneration, NewPreference
 
 BASE = "http://127.0.0.1:8765"
 FAST = {"rate_per_s": 1000.0, "burst": 1000}  # no rate limit in the tests that do not test it
@@ -412,6 +413,45 @@ def test_stats_count_by_status_and_by_annotator(world):
     mine = c.get("/api/stats", headers=auth(world.alice)).json()
     assert mine["by_annotator"] == {"alice": 1}
     assert mine["you"] == {"name": "alice", "role": "annotator", "labeled": 1}
+
+
+def test_a_revoked_token_is_refused_once_its_last_check_is_auth_ttl_old(world, monkeypatch):
+    monkeypatch.setattr(label_service, "AUTH_TTL_S", 3600.0)
+    c = client(world)
+    assert c.get("/api/stats", headers=auth(world.alice)).status_code == 200
+    world.ledger.revoke_annotator("alice")
+    assert c.get("/api/stats", headers=auth(world.alice)).status_code == 200  # trusted still
+    assert c.get("/api/stats", headers=auth("not-a-token")).status_code == 401
+    monkeypatch.setattr(label_service, "AUTH_TTL_S", 0.0)  # the last check is too old now
+    refused = c.get("/api/stats", headers=auth(world.alice))
+    assert (refused.status_code, refused.json()["error"]) == (401, "invalid_token")
+    assert c.get("/api/stats", headers=auth(world.bob)).status_code == 200
+
+
+def test_stats_reuse_recent_counts_but_an_annotators_own_count_is_exact(world, monkeypatch):
+    monkeypatch.setattr(label_service, "STATS_TTL_S", 3600.0)
+    monkeypatch.setattr(label_service, "STATS_STALE_S", 7200.0)
+    c = client(world)
+    first = c.get("/api/stats", headers=auth(world.root)).json()
+    assert first["comparisons"] == {"pending": 3, "claimed": 0, "labeled": 0}
+    assert first["by_annotator"] == {} and first["labels_by_kind"] == {}
+    # a label recorded past the service (another process): not counted until a recount
+    world.ledger.record_preference("c1", NewPreference(world.comparisons[2], "b", "ai", "judge"))
+    cid = c.get("/api/next", headers=auth(world.alice)).json()["comparison"]["id"]
+    assert label(c, world.alice, cid, "a", "k1").status_code == 200
+    assert label(c, world.alice, cid, "a", "k1").status_code == 200  # a replay adds nothing
+    admin = c.get("/api/stats", headers=auth(world.root)).json()
+    assert admin["as_of"] == first["as_of"]  # the same counts ...
+    assert admin["comparisons"] == first["comparisons"]
+    assert admin["by_annotator"] == {"alice": 1}  # ... plus this service's own label
+    assert admin["labels_by_kind"] == {"human": 1}
+    assert c.get("/api/stats", headers=auth(world.alice)).json()["you"]["labeled"] == 1
+    monkeypatch.setattr(label_service, "STATS_STALE_S", 0.0)  # too old now: counted again
+    again = c.get("/api/stats", headers=auth(world.root)).json()
+    assert again["as_of"] > first["as_of"]
+    assert again["comparisons"] == {"pending": 1, "claimed": 0, "labeled": 2}
+    assert again["labels_by_kind"] == {"ai": 1, "human": 1}
+    assert again["by_annotator"] == {"alice": 1}
 
 
 def test_the_ray_actor_serves_the_app_and_stops(world, ray_local):

@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from storage.errors import InvalidInput, UnknownId
 from storage.ledger import Ledger
-from storage.records import NewGeneration, NewPreference
+from storage.records import AuditNote, NewGeneration, NewPreference
 
 
 def test_annotator_tokens_are_stored_only_as_hashes(ledger: Ledger) -> None:
@@ -60,6 +60,23 @@ def test_audit_rows_append(ledger: Ledger) -> None:
     with pytest.raises(InvalidInput, match="field 'request_hash' must be 64 lowercase hex"):
         ledger.audit("alice", "x", "not-a-hash")
     assert ledger.row_counts()["audit"] == 2
+
+
+def test_a_preference_and_its_audit_row_commit_together(ledger: Ledger, seed) -> None:
+    cid = seed(ledger, "c1", 1, 2).comparisons[0]
+    pref = NewPreference(cid, "a", "human", "alice", idempotency_key="k1")
+    bad = AuditNote("alice", "not-a-hash", lambda rec: f"label -> {rec.id}")
+    with pytest.raises(InvalidInput, match="request_hash"):
+        ledger.record_preference("c1", pref, audit=bad)
+    assert (ledger.row_counts()["preference"], ledger.row_counts()["audit"]) == (0, 0)
+    digest = hashlib.sha256(b"{}").hexdigest()
+    note = AuditNote("alice", digest, lambda rec: f"label -> {rec.id} {rec.created}")
+    first = ledger.record_preference("c1", pref, audit=note)
+    again = ledger.record_preference("c1", pref, audit=note)  # a replay is audited too
+    assert (first.created, again.created, again.id) == (True, False, first.id)
+    assert [a.what for a in ledger.audit_log()] == [f"label -> {first.id} False",
+                                                     f"label -> {first.id} True"]
+    assert ledger.row_counts()["preference"] == 1
 
 
 def test_metrics_keep_the_latest_value_per_iteration(ledger: Ledger) -> None:
