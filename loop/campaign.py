@@ -111,7 +111,8 @@ def start_loop(cfg: Config, ledger: Ledger, url: str, rm: RMService, placement: 
                                   ledger_url=url, campaign=name,
                                   num_cpus=plan.actor_resources("rollout").cpus,
                                   max_text_chars=cfg.storage.max_text_chars,
-                                  scheduling=placement.strategies("rollout"))
+                                  scheduling=placement.strategies("rollout"),
+                                  max_restarts=cfg.resources.max_restarts, say=say)
     release_stale_leases(ledger, name, [f"labeler-{i}" for i in range(cfg.labeling.labelers)],
                          say)
     labelers = LabelerGroup.launch(cfg.labeling, url, name, judge,

@@ -11,10 +11,14 @@ slope = least-squares slope over iteration numbers; corr = Pearson (0 where a si
 Every comparison with a threshold is strict, so a value exactly at its threshold does not alarm.
 
     length            trend = slope of the mean ℓ over the last W iterations (this one included,
-                      at least 2); gap = corr(ℓ, proxy) − corr(ℓ, gold).
+                      at least 2); gap = corr(ℓ, proxy) − corr(ℓ, gold) of each batch, and
+                      gap_W = its mean over the same W iterations (those with gold).
                       ALARM iff gold is given, trend > cfg.length_min_slope (≥ 0) and
-                      gap > cfg.length_corr_gap: the RM pays for length more than the gold reward
-                      does, and the policy is collecting.
+                      gap_W > cfg.length_corr_gap: the RM pays for length more than the gold
+                      reward does, and the policy is collecting. The window mean, not this
+                      batch's gap alone: with ~100 replies a batch's gap has a standard error
+                      near 0.15, and an unbiased RM's passing length preference while length
+                      drifts up (0.32, 0.36 in `bench/goodhart.py`'s control) would alarm.
     format            density = 100 · Σ_i markers_i / Σ_i words_i (pooled over the batch, so a
                       two-word reply cannot outvote a long one).  ALARM iff > cfg.format_density.
     false_confidence  over responses the verifier graded wrong: the share stated with a confident
@@ -187,13 +191,17 @@ def _length_monitor(batch: MonitorBatch, lengths: np.ndarray,
     metrics["monitor/length_corr_gap"] = gap
     if trend is None:
         return metrics, None
-    fired = trend > min_slope and gap > gap_max
+    gaps = [s.length_corr_gap for s in window if s.length_corr_gap is not None]
+    gap_w = float(np.mean(gaps)) if gaps else gap
+    metrics["monitor/length_corr_gap_window"] = gap_w
+    fired = trend > min_slope and gap_w > gap_max
     return metrics, _Check(
-        "length", fired, gap, gap_max,
-        f"length exploitation: corr(length, proxy) {metrics['monitor/length_corr_proxy']:.3f} − "
-        f"corr(length, gold) {metrics['monitor/length_corr_gold']:.3f} = {gap:.3f} > "
-        f"monitors.length_corr_gap {gap_max:g} while mean length rises {trend:.3g} "
-        f"words/iteration (> {min_slope:g}) over {len(window)} iterations")
+        "length", fired, gap_w, gap_max,
+        f"length exploitation: corr(length, proxy) − corr(length, gold) averages {gap_w:.3f} "
+        f"> monitors.length_corr_gap {gap_max:g} over {len(gaps)} iteration(s) (this one: "
+        f"{metrics['monitor/length_corr_proxy']:.3f} − "
+        f"{metrics['monitor/length_corr_gold']:.3f} = {gap:.3f}) while mean length rises "
+        f"{trend:.3g} words/iteration (> {min_slope:g}) over {len(window)} iterations")
 
 
 def _format_monitor(words: np.ndarray, markers: np.ndarray, density_max: float,
@@ -305,7 +313,9 @@ def run_monitors(batch: MonitorBatch, history: MonitorHistory, cfg: MonitorsConf
     summary = IterationSummary(
         iteration=batch.iteration, length_mean=float(words.mean()),
         proxy_mean=float(np.mean(batch.proxy)),
-        gold_mean=None if batch.gold is None else float(np.mean(batch.gold)))
+        gold_mean=None if batch.gold is None else float(np.mean(batch.gold)),
+        length_corr_gap=None if batch.gold is None else
+        pearson(words, batch.proxy) - pearson(words, batch.gold))
     new_history = history.updated(summary, keep=max(cfg.window, cfg.divergence_window))
 
     metrics = _signal_metrics(batch)

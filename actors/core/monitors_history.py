@@ -87,15 +87,19 @@ class IterationSummary:
         length_mean: Mean response length in words.
         proxy_mean: Mean proxy (reward-model) reward.
         gold_mean: Mean gold reward; None when the iteration had no gold scores.
+        length_corr_gap: corr(length, proxy) − corr(length, gold) of the iteration's batch;
+            None without gold scores.
     """
 
     iteration: int
     length_mean: float
     proxy_mean: float
     gold_mean: float | None
+    length_corr_gap: float | None = None
 
 
 _SUMMARY_KEYS = frozenset(f.name for f in fields(IterationSummary))
+_OPTIONAL_KEYS = frozenset({"length_corr_gap"})  # checkpoints written before it existed lack it
 
 
 @dataclass(frozen=True)
@@ -141,15 +145,16 @@ class MonitorHistory:
                              f"keys {sorted(state)}")
         summaries = []
         for i, entry in enumerate(state["summaries"]):
-            if set(entry) != _SUMMARY_KEYS:
+            if not _SUMMARY_KEYS - _OPTIONAL_KEYS <= set(entry) <= _SUMMARY_KEYS:
                 raise ValueError(
                     f"monitor history summaries[{i}] needs keys {sorted(_SUMMARY_KEYS)}, got "
                     f"{sorted(entry)}")
-            gold = entry["gold_mean"]
+            gold, gap = entry["gold_mean"], entry.get("length_corr_gap")
             summaries.append(IterationSummary(
                 iteration=int(entry["iteration"]), length_mean=float(entry["length_mean"]),
                 proxy_mean=float(entry["proxy_mean"]),
-                gold_mean=None if gold is None else float(gold)))
+                gold_mean=None if gold is None else float(gold),
+                length_corr_gap=None if gap is None else float(gap)))
         iterations = [s.iteration for s in summaries]
         if any(b <= a for a, b in pairwise(iterations)):
             raise ValueError(f"monitor history iterations must increase, got {iterations}")

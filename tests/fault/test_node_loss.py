@@ -248,8 +248,8 @@ def test_the_campaign_finishes_after_losing_a_rollout_node(worker_nodes, tmp_pat
     assert after["NumRestarts"] >= 1 and after["Address"]["NodeID"] != lost["node"]
     recovered = re.compile(rf"rollout (shard \d \({victim} on node {lost['node'][:12]}\) lost|"
                            rf"{victim} on node {lost['node'][:12]} restarted).*")
-    line = recovered.search(done.stderr)
-    assert line, done.stderr[-8000:]
+    line = recovered.search(done.stdout + done.stderr)  # the campaign's log, on stdout
+    assert line, done.stdout[-4000:] + done.stderr[-8000:]
     print(f"lost {lost}; the rollout group logged: {line.group(0)}")
 
     ledger = Ledger.open(f"sqlite:///{run_dir}/ledger.sqlite", migrate=False)

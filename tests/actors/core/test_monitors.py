@@ -142,6 +142,24 @@ def test_length_controls_do_not_alarm(lengths_per_iter, proxy, gold):
     assert report.metrics["monitor/alarm/length"] == 0.0
 
 
+def test_length_alarm_averages_the_gap_over_the_window():
+    cfg = MonitorsConfig(window=3, length_corr_gap=0.3)
+    shy = (5.0, 1.0, 2.0, 0.0)  # proxy falls with length: gap = −7/√70 + 0.5/√3.75
+    paying = _batch(2, lengths=(6, 7, 8, 9))  # this batch alone: gap 7/√70 + 0.5/√3.75
+    report, _ = _run([_batch(0, proxy=shy), _batch(1, lengths=(5, 6, 7, 8), proxy=shy),
+                      paying], cfg)
+    alone = 7 / math.sqrt(70) + 0.5 / math.sqrt(3.75)
+    assert report.metrics["monitor/length_corr_gap"] == pytest.approx(alone)  # 1.095 > 0.3
+    assert report.metrics["monitor/length_corr_gap_window"] == pytest.approx(
+        (alone + 2 * (0.5 / math.sqrt(3.75) - 7 / math.sqrt(70))) / 3)  # −0.021
+    assert report.metrics["monitor/length_slope"] == pytest.approx(1.0)
+    assert "length" not in _names(report)
+    report, _ = _run([_batch(0, proxy=shy), _batch(1, lengths=(5, 6, 7, 8)), paying], cfg)
+    assert report.metrics["monitor/length_corr_gap_window"] == pytest.approx(
+        (2 * alone + 0.5 / math.sqrt(3.75) - 7 / math.sqrt(70)) / 3)  # 0.537
+    assert "length" in _names(report)
+
+
 def test_length_without_gold_reports_but_never_alarms():
     batches = [_batch(t, lengths=(1 + t, 2 + t, 3 + t, 4 + t), gold=None) for t in range(3)]
     report, _ = _run(batches, MonitorsConfig())
@@ -395,13 +413,21 @@ def test_history_round_trips_through_a_plain_dict_and_resumes_identically():
     first = [_batch(0, lengths=(1, 2, 3, 4)), _batch(1, lengths=(2, 3, 4, 5), gold=None)]
     _, history = _run(first, cfg)
     state = json.loads(json.dumps(history.to_dict()))
+    # corr(ℓ, proxy) = 7/√70, corr(ℓ, gold) = −0.5/√3.75 for lengths 1..4 (see _batch)
+    gap0 = 7 / math.sqrt(70) + 0.5 / math.sqrt(3.75)
     assert state == {"summaries": [
-        {"iteration": 0, "length_mean": 2.5, "proxy_mean": 2.0, "gold_mean": 0.25},
-        {"iteration": 1, "length_mean": 3.5, "proxy_mean": 2.0, "gold_mean": None}]}
+        {"iteration": 0, "length_mean": 2.5, "proxy_mean": 2.0, "gold_mean": 0.25,
+         "length_corr_gap": pytest.approx(gap0)},
+        {"iteration": 1, "length_mean": 3.5, "proxy_mean": 2.0, "gold_mean": None,
+         "length_corr_gap": None}]}
     restored = MonitorHistory.from_dict(state)
     assert restored == history
     nxt = _batch(3, lengths=(4, 5, 6, 7))
     assert run_monitors(nxt, restored, cfg) == run_monitors(nxt, history, cfg)
+    # a checkpoint written before the gap was kept restores without it
+    old = {"summaries": [{k: v for k, v in e.items() if k != "length_corr_gap"}
+                         for e in state["summaries"]]}
+    assert [s.length_corr_gap for s in MonitorHistory.from_dict(old).summaries] == [None, None]
 
 
 def test_history_keeps_the_longer_window_and_replaces_a_rerun_iteration():
@@ -411,7 +437,7 @@ def test_history_keeps_the_longer_window_and_replaces_a_rerun_iteration():
     _, rerun = run_monitors(_batch(3, lengths=(1, 1, 1, 1)), history, cfg)
     assert rerun.summaries == (history.summaries[0],
                                IterationSummary(3, length_mean=1.0, proxy_mean=2.0,
-                                                gold_mean=0.25))
+                                                gold_mean=0.25, length_corr_gap=0.0))
 
 
 @pytest.mark.parametrize(("state", "match"), [
