@@ -100,6 +100,10 @@ def run(name: str, cluster: Cluster, ledger: Ledger, weights: ray.ObjectRef,
         ready, _ = ray.wait(refs, num_returns=len(refs), fetch_local=False, timeout=300)
         assert len(ready) == len(refs), f"{name}: shards not ready in 300 s"
         where = get_object_locations(list(refs))
+        deadline = time.monotonic() + 30  # a sealed object's location reaches its owner late
+        while (not all(where[r]["node_ids"] for r in refs)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            where = get_object_locations(list(refs))
         info["shards"] = [{"node_ids": where[r]["node_ids"], "bytes": where[r]["object_size"]}
                           for r in refs]
         if max_regenerations is not None:
