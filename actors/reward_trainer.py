@@ -24,6 +24,7 @@ import ray
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from actors.core.backbones import pick_attention, set_attention
 from actors.core.bradley_terry import PairMetrics, pair_metrics
 from actors.core.ensemble import (
     bootstrap_bradley_terry_losses,
@@ -127,19 +128,29 @@ class RewardTrainer:
         model, self.tokenizer = (build_reward_model(self.spec.name, self.seed) if members == 1
                                  else build_multi_head_reward_model(self.spec.name, members,
                                                                     self.seed))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        set_attention(model.backbone, pick_attention(self.spec.attention,
+                                                     getattr(torch, self.spec.dtype), device))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # fused: one kernel over ZeRO's flat fp32 partition instead of ~10 elementwise passes
+        # (MiniLM bf16 on CPU: the optimizer step 112 -> 10 ms of a ~1 s step)
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                      fused=True)
         config = deepspeed_config(self.cfg.micro_batch_size, self.cfg.zero_stage,
                                   bf16=self.spec.dtype == "bfloat16",
                                   max_grad_norm=self.cfg.max_grad_norm)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return sum(p.numel() for p in params)
 
-    def info(self) -> dict[str, int]:
-        """Placement facts for logs and benchmarks: rank, world size, ZeRO stage, torch threads."""
+    def info(self) -> dict[str, int | str]:
+        """Placement facts for logs and benchmarks: rank, world size, ZeRO stage, torch threads,
+        compute dtype and attention kernel."""
+        module = self.engine.module
         return {"rank": self.rank, "world_size": self.world_size,
                 "zero_stage": self.engine.zero_optimization_stage(),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(),
+                "dtype": str(next(module.parameters()).dtype).removeprefix("torch."),
+                "attention": module.backbone.config._attn_implementation}
 
     def _rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """`(K, N)` member rewards (K = 1 for a single RM)."""

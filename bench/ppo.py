@@ -184,7 +184,8 @@ class TorchLoop:
         disable_dropout(policy)
         self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
         self.model = PolicyWithValue(policy, separate_critic=True).train()
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
+                                      fused=True)  # as PPOTrainer's
         self.step = torch_step(self.model, optimizer, self.cfg.max_grad_norm)
         self.rm, self.rm_tokenizer = build_reward_model(str(reward_dir), args.seed)
         self.rm.eval().requires_grad_(False)

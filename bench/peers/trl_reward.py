@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                        help="attention kernel (transformers' default: sdpa)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -55,7 +57,8 @@ def main() -> None:
     model_dir = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.eos_token = tokenizer.sep_token  # BERT has no EOS; TRL needs one
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, attn_implementation=args.attention)
     config = RewardConfig(output_dir=args.out, use_cpu=True, report_to="none", bf16=args.bf16,
                           per_device_train_batch_size=args.batch, num_train_epochs=1,
                           max_length=args.max_length, learning_rate=args.lr, seed=args.seed,
@@ -85,6 +88,7 @@ def main() -> None:
     print("PEER_JSON " + json.dumps({
         "seconds": seconds, "pairs": len(trained), "pairs_offered": len(rows),
         "real_tokens": real_tokens, "holdout_rewards": rewards, "bf16": args.bf16,
+        "attention": model.config._attn_implementation,
         "threads": torch.get_num_threads()}), flush=True)
 
 

@@ -33,6 +33,35 @@ def test_actor_round_trip_through_the_object_store(ray_local):
     ray_local.kill(actor)
 
 
+def mapped_libraries(ray, env: dict[str, str]) -> str:
+    """/proc/self/maps of a Ray worker started with `env`."""
+
+    @ray.remote(num_cpus=0)
+    def maps() -> str:
+        return Path("/proc/self/maps").read_text()
+
+    return ray.get(maps.options(runtime_env={"env_vars": env}).remote())
+
+
+def test_workers_get_tcmalloc_where_it_is_installed(ray_local):
+    from loop.ray_env import worker_env
+
+    env = worker_env()
+    assert env == {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}  # .ci/setup installs it
+    assert "libtcmalloc_minimal" in mapped_libraries(ray_local, env)
+    assert "libtcmalloc_minimal" not in mapped_libraries(ray_local, {"PREFLOOP_PROBE": "1"})
+
+
+def test_worker_env_respects_an_explicit_choice(monkeypatch):
+    from loop.ray_env import worker_env
+
+    monkeypatch.setenv("PREFLOOP_ALLOCATOR", "system")
+    assert worker_env() == {}
+    monkeypatch.delenv("PREFLOOP_ALLOCATOR")
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")  # the user's own preload wins
+    assert worker_env() == {}
+
+
 def test_connect_reuses_the_running_instance(ray_local):
     from loop.ray_env import connect
 
