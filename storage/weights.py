@@ -301,6 +301,13 @@ class FsspecWeightStore(WeightStore):
                     f"weights {kind} v{version} are being published (or a publisher died: "
                     f"remove {self._uri(kind, name)}/{CLAIM} after checking)"
                 ) from exc
+            # A publisher that finished between the marker check above and our claim wrote its
+            # marker before it dropped its claim: look again, now that we hold the claim.
+            if self._marker_bytes(kind, name) is not None:
+                self.fs.rm_file(self._path(kind, name, CLAIM))
+                raise VersionExists(
+                    f"weights {kind} v{version} already exist at {self._uri(kind, name)}"
+                )
 
     def publish(self, kind: str, version: int, source: Source) -> WeightVersion:
         """Stage locally, claim the version, upload, then write the marker last."""

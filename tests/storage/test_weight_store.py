@@ -121,6 +121,31 @@ def test_concurrent_publish_of_one_version_has_one_winner(store: WeightStore) ->
     assert store.versions("rm") == [5]
 
 
+@pytest.mark.parametrize("url", ["file", "memory"])
+def test_a_publisher_that_finishes_between_check_and_claim_still_wins_alone(
+        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interleaving CI once hit: B checks for a marker (none yet), A writes its marker and
+    drops its claim, B claims. B must then see A's marker and lose, not overwrite v5."""
+    store = open_weight_store(f"file://{tmp_path}/weights" if url == "file"
+                              else f"memory://prefloop-{uuid.uuid4().hex}")
+    store.publish("rm", 5, {"w.bin": b"a"})  # A, complete: marker written, claim dropped
+    real, looks = store._marker_bytes, []
+
+    def marker_bytes(kind: str, name: str) -> bytes | None:
+        looks.append(name)
+        return None if len(looks) == 1 else real(kind, name)  # B's first look: before A's marker
+
+    monkeypatch.setattr(store, "_marker_bytes", marker_bytes)
+    with pytest.raises(VersionExists, match="already exist"):
+        store.publish("rm", 5, {"w.bin": b"b"})
+    monkeypatch.undo()
+    assert len(looks) == 2  # it looked again once it held the claim
+    assert store.read_bytes("rm", 5, "w.bin") == b"a"
+    assert store.versions("rm") == [5]
+    store.publish("rm", 6, {"w.bin": b"c"})  # B left no claim behind to block later versions
+    assert store.verify("rm", 6).files == {"w.bin": hashlib.sha256(b"c").hexdigest()}
+
+
 def test_tampered_files_fail_verification(store: WeightStore, tmp_path: Path) -> None:
     store.publish("rm", 1, {"w.bin": b"good"})
     _put_raw(store, "rm", "v1", "w.bin", b"evil")
