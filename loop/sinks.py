@@ -76,7 +76,13 @@ class WandbSink:
                      step=int(step))
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() only informs W&B's service process that the run is done; the service closes
+        # (flushes) the run's file later. Tearing the service down waits for that, so the run
+        # directory is complete, ready for `wandb sync`, when the campaign returns.
+        wandb.teardown()
 
 
 def _run_id(campaign: str) -> str:
