@@ -3,7 +3,7 @@
     prefloop run CONFIG [KEY=VALUE ...] [--resume RUN_DIR | --auto-resume]
     prefloop check CONFIG [KEY=VALUE ...]
     prefloop label serve|import|export ...
-    prefloop annotators add|revoke|list ...
+    prefloop annotators add|revoke|list|audit ...
     prefloop db upgrade|status
     prefloop report RUN_DIR [--out DIR]
 
@@ -22,9 +22,11 @@ from typing import Annotated, NoReturn
 import typer
 import yaml
 
+from loop.config import AuditConfig
 from loop.config_load import ConfigError, load_config
 
 EXIT_USAGE = 2
+AUDIT_DEFAULTS = AuditConfig()
 
 app = typer.Typer(
     name="prefloop",
@@ -299,6 +301,53 @@ def annotators_list(db_url: DbUrlOpt = None, run_dir: RunDirOpt = None) -> None:
         typer.echo(f"{a.name}\t{a.role}\t{state}\tcreated {a.created_at:%Y-%m-%d %H:%M}")
     if not people:
         typer.echo("no annotators", err=True)
+
+
+@annotators_app.command("audit")
+def annotators_audit(
+    apply: Annotated[bool, typer.Option(
+        help="Quarantine the flagged annotators (default: a dry run that writes nothing).")
+    ] = False,
+    alpha: Annotated[float, typer.Option(help="Family-wise rate of quarantining an honest "
+                                         "annotator.")] = AUDIT_DEFAULTS.alpha,
+    margin: Annotated[float, typer.Option(help="Disagreement above the others' pooled rate "
+                                          "tolerated as honest.")] = AUDIT_DEFAULTS.margin,
+    min_scored: Annotated[int, typer.Option(help="Fewest scored labels before anyone is "
+                                            "quarantined.")] = AUDIT_DEFAULTS.min_scored,
+    db_url: DbUrlOpt = None,
+    run_dir: RunDirOpt = None,
+    campaign: CampaignOpt = None,
+) -> None:
+    """Find human annotators who disagree with the other labelers of the same comparisons far
+    more than honest noise explains; with --apply, quarantine them from RM training."""
+    from pydantic import ValidationError
+
+    from loop import label_io
+    from loop.audit import audit_campaign
+    from loop.config import AuditConfig
+
+    try:
+        cfg = AuditConfig(alpha=alpha, margin=margin, min_scored=min_scored)
+    except ValidationError as exc:
+        fail("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}"
+                       for e in exc.errors()))
+    with _label_errors(), _storage_errors():
+        name = label_io.campaign_name(campaign, run_dir)
+        outcome = audit_campaign(_open_ledger(db_url, run_dir), name, cfg, apply)
+    typer.echo("annotator\tlabels\tscored\tdisagreed\trate\tothers_rate\tp_value\tverdict")
+    for a in outcome.audits:
+        verdict = ("quarantined" if a.labeler_id in outcome.quarantined
+                   else "flagged" if a.quarantine else "ok")
+        typer.echo(f"{a.labeler_id}\t{a.labels}\t{a.scored}\t{a.disagreed}\t{a.rate:.4f}\t"
+                   f"{a.pool_rate:.4f}\t{a.p_value:.3g}\t{verdict}")
+    for q in outcome.earlier:
+        typer.echo(f"{q.labeler_id}\t-\t-\t-\t-\t-\t-\tquarantined earlier")
+    flagged = [a.labeler_id for a in outcome.flagged]
+    done = (f"quarantined {', '.join(outcome.quarantined)}" if outcome.quarantined
+            else f"dry run: pass --apply to quarantine {', '.join(flagged)}" if flagged
+            else "nobody flagged")
+    typer.echo(f"audited {outcome.labels} human label(s) of {len(outcome.audits)} annotator(s) "
+               f"of campaign {name!r} at preference {outcome.watermark}: {done}", err=True)
 
 
 @db_app.command("upgrade")

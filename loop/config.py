@@ -130,6 +130,24 @@ class HttpJudgeConfig(Section):
     """Retries with exponential backoff before the judge abstains."""
 
 
+class AuditConfig(Section):
+    every: NonNegInt = 1
+    """Audit the human annotators every this many iterations, before the labelers label, and
+    quarantine those flagged from RM training (0: never; `prefloop annotators audit` by hand).
+    The audit compares each label with the other labels of its comparison, so it needs
+    comparisons labeled by several annotators; without them it flags no one. Each audit reads
+    the campaign's human labels (~0.1 s with 50k preferences in a SQLite ledger)."""
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.01
+    """Family-wise rate of quarantining an honest annotator (Bonferroni over annotators)."""
+    margin: Probability = 0.02
+    """Disagreement above the other annotators' pooled rate tolerated as honest variation."""
+    min_scored: PositiveInt = 100
+    """Fewest labels with a majority of other labels to compare against before anyone is
+    quarantined."""
+    min_others: PositiveInt = 2
+    """Other labels a comparison needs before one of its labels is scored."""
+
+
 class LabelingConfig(Section):
     labelers: PositiveInt = 1
     """AI labeler actors (L)."""
@@ -153,6 +171,9 @@ class LabelingConfig(Section):
     """Human-like biases of the simulated annotator."""
     http: HttpJudgeConfig = HttpJudgeConfig()
     """Settings of the HTTP LLM judge."""
+    audit: AuditConfig = AuditConfig()
+    """The annotator audit: human annotators who disagree with the others too often are
+    quarantined from RM training."""
 
 
 class EnsembleConfig(Section):

@@ -1,6 +1,6 @@
 """One turn of the online loop, as the design's diagram draws it.
 
-    rollout → pair → label → RM refresh (gated) → PPO → publish → monitors → actions → metrics
+    rollout → pair → audit → label → RM refresh (gated) → PPO → publish → monitors → actions
 
 `CampaignLoop` owns the actor groups for the whole campaign; `run_iteration(i)` makes one call
 per stage and records `timing/<stage>` for each. Everything that must survive a crash is a
@@ -18,6 +18,10 @@ so batch i+1 trains v_{i+1} one version stale, never more (`check_staleness`); P
 (`ppo.stale_is_cap`), and the ledger's policy row records the batch's version and staleness.
 No batch is sampled ahead across a checkpoint (`loop.checkpoint.checkpoints_after`): a resumed
 campaign runs the same iterations as an uninterrupted one.
+
+The audit quarantines human annotators who disagree with the other labelers of the same
+comparisons far more than honest noise explains (`loop.audit`); their labels leave every RM
+refresh from this iteration's on.
 
 An alarm acts on the iterations after it, as `monitors.action` says (`act_on`): PPO pauses, β
 rises, or the RM refreshes off schedule; each action taken is a `monitor/action/…` metric, so it
@@ -39,6 +43,7 @@ from actors.core.sampling import RolloutBatch
 from actors.labeler import LabelerGroup
 from actors.ppo_trainer import PPOTrainerGroup
 from actors.rollout import RolloutGroup
+from loop.audit import audit_campaign
 from loop.checkpoint import checkpoints_after
 from loop.config import Config
 from loop.pairing import plan_pairs
@@ -132,6 +137,8 @@ class CampaignLoop:
             batch = rollout.batch
         with timed(m, "pair"):
             queued = self.queue_pairs(batch, it)
+        with timed(m, "audit"):  # before labeling: this iteration's labels pass a quarantine
+            audited = self.audit_annotators(it)
         with timed(m, "label"):
             counts = self.labelers.label(queued)
         with timed(m, "sample_ahead"):  # overlap: batch i+1 samples from here to rollout_wait
@@ -151,7 +158,8 @@ class CampaignLoop:
         m.update(batch.metrics() | counts.as_metrics() | ppo | report.metrics | actions
                  | {"label/queued": float(queued), "rm/serving_version":
                     float(self.rm.serving.version), "rollout/staleness": float(staleness),
-                    "rollout/policy_version": float(rollout.policy_version)} | refreshed)
+                    "rollout/policy_version": float(rollout.policy_version)} | refreshed
+                 | audited)
         self.state.iteration += 1
         return m
 
@@ -208,6 +216,26 @@ class CampaignLoop:
         """Labels feed RM refreshes only: a frozen RM (rm.refresh_every 0) needs none, unless an
         alarm may force a refresh (monitors.action refresh_rm)."""
         return self.cfg.rm.refresh_every > 0 or self.cfg.monitors.action == "refresh_rm"
+
+    def audit_annotators(self, iteration: int) -> dict[str, float]:
+        """Audit every `labeling.audit.every` iterations: quarantine the human annotators who
+        disagree with the others too often (`loop.audit`). It runs before the iteration's
+        labels are recorded, so they lift the watermark above the quarantine's and the next RM
+        refresh trains without the quarantined annotators.
+
+        Returns:
+            `label/audited_annotators` and `label/quarantined` (annotators quarantined in the
+            campaign so far); nothing when no audit was due.
+        """
+        audit = self.cfg.labeling.audit
+        if audit.every == 0 or iteration % audit.every:
+            return {}
+        outcome = audit_campaign(self.ledger, self.cfg.campaign.name, audit, apply=True)
+        for verdict in outcome.flagged:
+            self.say(f"quarantined annotator {verdict.labeler_id!r} from RM training: "
+                     f"{verdict.reason}")
+        return {"label/audited_annotators": float(len(outcome.audits)),
+                "label/quarantined": float(len(outcome.earlier) + len(outcome.quarantined))}
 
     def maybe_refresh_rm(self, iteration: int) -> dict[str, float]:
         """RM refresh every `rm.refresh_every` iterations (0: never), or once

@@ -44,6 +44,7 @@ from storage.db import resolve_url
 from storage.db import status as db_status
 from storage.errors import UnknownId
 from storage.ledger import Ledger
+from storage.people import QuarantineRow
 from storage.records import ModelVersion
 
 PNG = {"gao": "gao_proxy_gold_vs_sqrt_kl.png", "rm": "rm_accuracy.png",
@@ -225,6 +226,7 @@ class LedgerView:
     label_totals: dict[str, int] = field(default_factory=dict)
     by_labeler: dict[str, dict[str, int]] = field(default_factory=dict)
     """labeler kind -> labeler id -> effective (not superseded) preferences."""
+    quarantines: list[QuarantineRow] = field(default_factory=list)
     note: str | None = None
 
 
@@ -258,7 +260,8 @@ def read_ledger(info: RunInfo) -> LedgerView:
                       generations=ledger.generations_per_policy_version(name),
                       label_buckets=buckets, bucket_s=bucket_s,
                       label_totals=totals,
-                      by_labeler={k: ledger.label_counts_by_labeler(name, k) for k in totals})
+                      by_labeler={k: ledger.label_counts_by_labeler(name, k) for k in totals},
+                      quarantines=ledger.quarantines(name))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
     from loop.report import Page
+    from storage.people import QuarantineRow
     from storage.records import ModelVersion
 
 SECTIONS = {
@@ -201,7 +202,18 @@ def _labels(page: Page, pngs: Mapping[str, str], out: Path) -> Html:
     more = (Html(f'<p class="meta">… and {len(who) - MAX_LABELERS} more labelers</p>')
             if len(who) > MAX_LABELERS else Html(""))
     return section("labels", figure(out, pngs["labels"], "labels by source over time", caption),
-                   totals, shown, more)
+                   totals, shown, more, _quarantines(view.quarantines))
+
+
+def _quarantines(rows: Sequence[QuarantineRow]) -> Html:
+    """Labelers left out of RM training (the annotator audit's verdicts), if any."""
+    if not rows:
+        return Html("")
+    body = [(q.labeler_id, f"{q.created_at:%Y-%m-%d %H:%M:%S}", q.watermark, q.reason)
+            for q in rows]
+    return Html("<h3>Quarantined from RM training</h3>" + table(
+        ["labeler", "since (UTC)", "after preference", "reason"], body, numeric=(2,),
+        nowrap=(0, 1)))
 
 
 def _monitors(page: Page, pngs: Mapping[str, str], out: Path) -> Html:

@@ -38,7 +38,8 @@ def test_check_prints_the_resolved_config():
     ["label", "serve", "--help"], ["label", "import", "--help"], ["label", "export", "--help"],
     ["annotators", "--help"],
     ["annotators", "add", "--help"], ["annotators", "revoke", "--help"],
-    ["annotators", "list", "--help"], ["db", "--help"], ["db", "upgrade", "--help"],
+    ["annotators", "list", "--help"], ["annotators", "audit", "--help"], ["db", "--help"],
+    ["db", "upgrade", "--help"],
     ["db", "status", "--help"], ["report", "--help"],
 ])
 def test_every_command_has_help(argv):

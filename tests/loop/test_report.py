@@ -165,6 +165,8 @@ def build_run(run: Path) -> dict[str, str]:
                                     "rm/fresh_accuracy_serving": 0.7,
                                     "rm/reference_accuracy": 0.55})
     ledger.set_model_status(CAMPAIGN, "rm", 2, "rejected", reason="worse than v1")
+    ledger.quarantine(CAMPAIGN, HUMAN, "annotator audit: <script>window.__pwned=3</script>",
+                      {"scored": 120, "disagreed": 40})
     ledger.record_model_version(CAMPAIGN, "policy", 0)
     ledger.record_model_version(CAMPAIGN, "policy", 1, parent_version=0,
                                 metrics={"rm_version": 1})
@@ -250,6 +252,16 @@ def test_provenance_rows_carry_status_parent_sizes_and_hash_prefixes(reported):
     assert "rm/fresh_accuracy = 0.4<br>" in cells[1][8]
     policy = body_rows(provenance[provenance.index("<h3>Policies"):])
     assert [re.findall(r"<td[^>]*>(.*?)</td>", r)[4] for r in policy] == ["12", "0"]
+
+
+def test_the_labels_section_lists_quarantined_labelers(reported):
+    text = reported[1].read_text(encoding="utf-8")
+    labels = text[text.index('<section id="labels">'):text.index('<section id="monitors">')]
+    quarantined = labels[labels.index("<h3>Quarantined from RM training</h3>"):]
+    [row] = body_rows(quarantined)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert cells[0] == "&lt;img src=x onerror=&quot;window.__pwned=2&quot;&gt;"
+    assert cells[2:] == ["6", "annotator audit: &lt;script&gt;window.__pwned=3&lt;/script&gt;"]
 
 
 def test_text_from_the_run_is_escaped(reported):
