@@ -71,8 +71,11 @@ class FakeLedger:
     def watermark(self, campaign) -> int:
         return self.labels
 
-    def snapshot(self, campaign):
-        return SimpleNamespace(watermark=self.labels)
+    def snapshot(self, campaign, kinds=("ai", "human")):
+        return SimpleNamespace(watermark=self.labels, rows=())  # no human labels: nobody audited
+
+    def quarantines(self, campaign) -> list:
+        return []
 
     def record_model_version(self, campaign, kind, version, **kw) -> None:
         self.policy_versions.append(version)
