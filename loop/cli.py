@@ -324,7 +324,6 @@ def annotators_audit(
 
     from loop import label_io
     from loop.audit import audit_campaign
-    from loop.config import AuditConfig
 
     try:
         cfg = AuditConfig(alpha=alpha, margin=margin, min_scored=min_scored)
